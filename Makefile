@@ -1,0 +1,39 @@
+# `make demo` and `make test` are the only two commands a fresh machine needs.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+export HF_HUB_OFFLINE ?= 1
+export TOKENIZERS_PARALLELISM ?= false
+
+.PHONY: setup demo test test-slow bench clean
+
+setup: $(VENV)/.installed
+
+# A user's machine that already has torch (e.g. a CUDA build) keeps it: the venv then sees the
+# system site-packages. Elsewhere the CPU wheel torch==2.13.0 is installed first, and a
+# constraint file pins it so no later dependency pulls the multi-GB CUDA build.
+$(VENV)/.installed: pyproject.toml Makefile
+	@if $(PYTHON) -c "import torch" 2>/dev/null; then \
+	  echo "setup: keeping the existing torch $$($(PYTHON) -c 'import torch;print(torch.__version__)')"; \
+	  $(PYTHON) -m venv --system-site-packages $(VENV); \
+	else \
+	  $(PYTHON) -m venv $(VENV) && $(PY) -m pip install -q torch==2.13.0; \
+	fi
+	$(PY) -c "import torch; print('torch==' + torch.__version__)" > $(VENV)/constraints.txt
+	$(PY) -m pip install -q -c $(VENV)/constraints.txt -e '.[dev]'
+	@touch $@
+
+demo: setup
+	$(VENV)/bin/text23d experiment=demo
+
+test: setup
+	$(PY) -m pytest -m "not slow" -q
+
+test-slow: setup
+	$(PY) -m pytest -m slow -q
+
+bench: setup
+	$(PY) scripts/bench.py
+
+clean:
+	rm -rf $(VENV) outputs/* .pytest_cache
