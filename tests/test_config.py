@@ -1,0 +1,88 @@
+from pathlib import Path
+
+import pytest
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+
+from helpers import compose_cfg
+from text23d.config import slugify, validate
+from text23d.errors import ConfigError
+
+CONF = Path(__file__).resolve().parents[1] / "conf"
+
+
+def group_options(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
+
+
+@pytest.mark.parametrize("group", ["system", "geometry", "guidance", "renderer", "prior", "camera",
+                                   "trainer", "debug", "experiment"])
+def test_every_option_of_every_group_composes(group):
+    options = group_options(group)
+    assert options, f"conf/{group}/ is empty"
+    for option in options:
+        cfg = compose_cfg([f"{group}={option}", "prompt=a red cube"])
+        OmegaConf.resolve(cfg)
+        assert cfg.prompt
+
+
+@pytest.mark.parametrize("group", ["geometry", "renderer", "guidance", "camera"])
+def test_every_part_instantiates(group):
+    for option in group_options(group):
+        obj = instantiate(compose_cfg([f"{group}={option}", "prompt=x"])[group])
+        assert type(obj).__module__.startswith("text23d.")
+
+
+def test_sds_is_an_alias_of_dreamfusion():
+    a, b = compose_cfg(["system=sds", "prompt=x"]), compose_cfg(["system=dreamfusion", "prompt=x"])
+    assert OmegaConf.to_yaml(a) == OmegaConf.to_yaml(b)
+    assert a.system.name == "dreamfusion"
+
+
+def test_command_line_values_win_over_debug_preset():
+    cfg = compose_cfg(["debug=smoke", "trainer.max_steps=7", "checkpoint.every_n_train_steps=3",
+                       "seed=5", "deterministic=true", "prompt=x"])
+    assert (cfg.trainer.max_steps, cfg.checkpoint.every_n_train_steps, cfg.seed) == (7, 3, 5)
+    assert cfg.deterministic is True
+    assert compose_cfg(["debug=smoke", "prompt=x"]).trainer.max_steps == 4
+
+
+def test_unknown_keys_are_rejected():
+    with pytest.raises(Exception, match="max_stepz"):
+        compose_cfg(["trainer.max_stepz=3", "prompt=x"])
+
+
+@pytest.mark.parametrize("override,match", [
+    ("trainer.max_steps=-5", "trainer.max_steps=-5"),
+    ("trainer.max_steps=0", "trainer.max_steps=0"),
+    ("export.format=stl", "export.format"),
+    ("export.isosurface_threshold=-1", "isosurface_threshold"),
+    ("system.width=2", "system.width"),
+])
+def test_bad_values_get_a_clear_error(override, match):
+    with pytest.raises(ConfigError, match=match):
+        validate(compose_cfg([override, "prompt=x"]))
+
+
+def test_empty_prompt_is_an_error():
+    with pytest.raises(ConfigError, match='prompt="a hamburger"'):
+        validate(compose_cfg(["prompt=   "]))
+
+
+@pytest.mark.parametrize("text", [
+    "a hamburger", "../../etc/passwd", "a/b\\c", "🍔 a burger 🍔", "x" * 2000,
+    ("a very long prompt with / slashes, .. dots and émojis 🚀 " * 40)[:2000], "..", "", "con",
+])
+def test_slug_is_a_safe_single_path_component(text, tmp_path):
+    slug = slugify(text)
+    assert 1 <= len(slug) <= 48 + 9
+    assert all(c.isascii() and (c.isalnum() or c in "_-") for c in slug)
+    assert slug not in (".", "..")
+    d = tmp_path / slug
+    d.mkdir()
+    assert d.parent == tmp_path
+
+
+def test_slug_keeps_simple_prompts_readable_and_distinguishes_long_ones():
+    assert slugify("a hamburger") == "a_hamburger"
+    assert slugify("x" * 100 + "a") != slugify("x" * 100 + "b")
