@@ -1,0 +1,40 @@
+"""Regularisers, written once and shared by every system. Weights are `lambda_<name>` in
+`system.loss`; each is a number or a linear ramp [start_step, start_value, end_value, end_step]."""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from text23d.errors import ConfigError
+
+
+def scheduled(value, step: int) -> float:
+    if isinstance(value, (int, float)):
+        return float(value)
+    try:
+        start_step, start_value, end_value, end_step = (float(v) for v in value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"loss weight {value!r}: use a number or [start_step, start_value, "
+                          "end_value, end_step], e.g. system.loss.lambda_orient=[0,10,1000,5000]") from None
+    if end_step <= start_step:
+        return end_value if step >= end_step else start_value
+    frac = min(max((step - start_step) / (end_step - start_step), 0.0), 1.0)
+    return start_value + frac * (end_value - start_value)
+
+
+def orientation(weights: Tensor, normals: Tensor, dirs: Tensor) -> Tensor:
+    """DreamFusion eq. (7): penalise normals that face away from the camera, weighted by the
+    (detached) rendering weights. weights (R, n), normals (R, n, 3), dirs (R, 3)."""
+    facing_away = (normals * dirs[:, None]).sum(-1).clamp_min(0.0)
+    return (weights.detach() * facing_away**2).sum(1).mean()
+
+
+def sparsity(opacity: Tensor) -> Tensor:
+    """Push empty space to stay empty (a smooth L1 of the accumulated opacity)."""
+    return (opacity**2 + 0.01).sqrt().mean()
+
+
+def opaque(opacity: Tensor) -> Tensor:
+    """Binary entropy of the opacity: pixels should be fully in or fully out, not haze."""
+    o = opacity.clamp(1e-4, 1 - 1e-4)
+    return -(o * o.log() + (1 - o) * (1 - o).log()).mean()
