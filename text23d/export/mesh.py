@@ -1,0 +1,190 @@
+"""Isosurface extraction from a density field, and OBJ/GLB writing with vertex colours.
+
+The field is sampled on a regular grid, marching cubes (PyMCubes) finds the surface
+`density == threshold`, and the colour field is queried once per vertex.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import os
+import uuid
+from typing import Callable, Iterator, Sequence
+
+import mcubes
+import numpy as np
+import torch
+import trimesh
+
+from text23d.errors import ConfigError, Text23dError
+
+MESH_FORMATS = ("obj", "glb")
+
+# Our world is z-up; glTF is y-up. (x, y, z) -> (x, z, -y) is a -90° rotation about x
+# (det = +1, so face winding and outward normals survive), and viewers then show the object
+# upright. OBJ has no up-axis convention, so it keeps world coordinates.
+Z_UP_TO_Y_UP = np.array(
+    [
+        [1.0, 0.0, 0.0, 0.0],
+        [0.0, 0.0, 1.0, 0.0],
+        [0.0, -1.0, 0.0, 0.0],
+        [0.0, 0.0, 0.0, 1.0],
+    ]
+)
+
+
+def grid_axis(radius: float, resolution: int) -> np.ndarray:
+    """World coordinates of the grid samples along one axis, endpoints included.  # (R,)"""
+    return np.linspace(-radius, radius, resolution, dtype=np.float64)
+
+
+def _field_device(fn: Callable) -> torch.device:
+    """Device of the module a bound method such as `geometry.density` belongs to; else CPU."""
+    owner = getattr(fn, "__self__", fn)
+    if isinstance(owner, torch.nn.Module):
+        for t in itertools.chain(owner.parameters(), owner.buffers()):
+            return t.device
+    return torch.device("cpu")
+
+
+@torch.no_grad()
+def _eval_chunked(fn: Callable, points: torch.Tensor, chunk: int) -> torch.Tensor:
+    """fn over points (N, 3) in chunks of `chunk` rows, results concatenated on the CPU."""
+    outs = [fn(points[i : i + chunk]).float().cpu() for i in range(0, len(points), chunk)]
+    return torch.cat(outs)
+
+
+@torch.no_grad()
+def sample_density_grid(
+    density_fn: Callable[[torch.Tensor], torch.Tensor],
+    radius: float,
+    resolution: int,
+    chunk: int = 65536,
+    device: str | torch.device = "cpu",
+) -> np.ndarray:
+    """Density on a resolution³ grid over [-radius, radius]³: grid[i, j, k] = σ(x_i, y_j, z_k).
+
+    Points are built per chunk from flat indices, so a 512³ grid never holds all its
+    coordinates (1.6 GB) in memory at once.
+    """
+    if resolution < 2:
+        raise ConfigError(
+            f"export.resolution={resolution} is too small: the grid needs at least 2 "
+            "samples per axis (64-256 is typical). Fix: export.resolution=128."
+        )
+    axis = torch.as_tensor(grid_axis(radius, resolution), dtype=torch.float32, device=device)
+    n = resolution**3
+    out = torch.empty(n, dtype=torch.float32)  # (R³,)
+    for start in range(0, n, chunk):
+        idx = torch.arange(start, min(start + chunk, n), device=device)
+        i, j, k = idx // resolution**2, (idx // resolution) % resolution, idx % resolution
+        pts = torch.stack([axis[i], axis[j], axis[k]], dim=-1)  # (C, 3)
+        out[start : start + len(idx)] = density_fn(pts).reshape(-1).float().cpu()
+    # NaN would silently punch holes in marching cubes; read it as density 0, empty space.
+    return torch.nan_to_num(out, nan=0.0).reshape(resolution, resolution, resolution).numpy()
+
+
+def density_range(grid: np.ndarray) -> tuple[float, float]:
+    """(min, max) of a sampled density grid, for messages and threshold choices."""
+    return float(grid.min()), float(grid.max())
+
+
+@torch.no_grad()
+def extract_mesh(
+    density_fn: Callable[[torch.Tensor], torch.Tensor],
+    color_fn: Callable[[torch.Tensor], torch.Tensor],
+    radius: float,
+    resolution: int,
+    threshold: float,
+    chunk: int = 65536,
+    device: str | torch.device | None = None,
+) -> trimesh.Trimesh:
+    """Mesh of the surface density == threshold inside [-radius, radius]³, in world coordinates.
+
+    density_fn: (N, 3) float32 world points -> (N,) densities (higher = inside).
+    color_fn:   (N, 3) -> (N, 3) RGB in [0, 1]; stored as uint8 RGBA vertex colours.
+    device:     where query points are built; None = the device of density_fn's module (if it
+                is a bound method of an nn.Module, e.g. geometry.density), else CPU.
+    """
+    device = _field_device(density_fn) if device is None else torch.device(device)
+    grid = sample_density_grid(density_fn, radius, resolution, chunk, device)  # (R, R, R)
+    lo, hi = density_range(grid)
+    if not lo < threshold < hi:
+        raise Text23dError(
+            f"No surface to extract: density over [-{radius}, {radius}]³ ranges from {lo:.4g} "
+            f"to {hi:.4g}, and export.isosurface_threshold={threshold:g} is not inside that "
+            "range. Fix: pick a level inside it "
+            f"(e.g. export.isosurface_threshold={(lo + hi) / 2:.4g}), use "
+            "export.isosurface_threshold=auto, or train longer so the field forms an object."
+        )
+    # PyMCubes returns vertices in array-index units, ordered like the array axes (i, j, k).
+    # Its winding makes normals point towards *decreasing* values; density is higher inside,
+    # so the faces already face outward and need no flip (tests/test_export.py guards this).
+    verts_idx, faces = mcubes.marching_cubes(grid, float(threshold))  # (V, 3), (F, 3)
+    if len(faces) == 0:  # crossings only between samples closer than float precision
+        raise Text23dError(
+            f"Marching cubes found no faces at export.isosurface_threshold={threshold:g} "
+            f"(density range {lo:.4g}..{hi:.4g}). Fix: raise export.resolution."
+        )
+    voxel = 2.0 * radius / (resolution - 1)
+    verts = (verts_idx * voxel - radius).astype(np.float32)  # (V, 3) world coordinates
+
+    rgb = _eval_chunked(color_fn, torch.from_numpy(verts).to(device), chunk).numpy()  # (V, 3)
+    rgba = np.full((len(verts), 4), 255, dtype=np.uint8)
+    rgba[:, :3] = np.round(np.clip(np.nan_to_num(rgb[:, :3]), 0.0, 1.0) * 255.0)
+    # process=False keeps vertex order aligned with the colours we computed.
+    return trimesh.Trimesh(
+        vertices=verts, faces=faces.astype(np.int64), vertex_colors=rgba, process=False
+    )
+
+
+@contextlib.contextmanager
+def atomic_output(path: str) -> Iterator[str]:
+    """Yield a temp path beside `path` (same suffix); rename it onto `path` on success.
+
+    Readers (a viewer, a sweep summary) never see half a file, and a crash leaves the old file.
+    Deliberate copy of text23d/export/video.py:atomic_output, to keep the two modules independent.
+    """
+    stem, ext = os.path.splitext(os.path.abspath(path))
+    tmp = f"{stem}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}{ext}"
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def save_mesh(
+    mesh: trimesh.Trimesh,
+    out_dir: str,
+    stem: str,
+    formats: Sequence[str] = MESH_FORMATS,
+) -> dict[str, str]:
+    """Write `<stem>.obj` (world coordinates, "v x y z r g b") and/or `<stem>.glb` (y-up, COLOR_0).
+
+    Returns {format: absolute path}.
+    """
+    if isinstance(formats, str):  # "glb" would otherwise iterate as "g", "l", "b"
+        formats = (formats,)
+    unknown = [f for f in formats if f not in MESH_FORMATS]
+    if unknown:
+        raise ConfigError(
+            f"Unknown mesh format(s) {unknown}; allowed: {list(MESH_FORMATS)}. "
+            "Fix: e.g. export.format=[obj,glb]."
+        )
+    os.makedirs(out_dir, exist_ok=True)
+    paths = {}
+    for fmt in dict.fromkeys(formats):  # de-duplicated, order kept
+        path = os.path.abspath(os.path.join(out_dir, f"{stem}.{fmt}"))
+        if fmt == "obj":
+            data = mesh.export(file_type="obj", include_normals=False, include_color=True)
+        else:
+            yup = mesh.copy()
+            yup.apply_transform(Z_UP_TO_Y_UP)
+            data = yup.export(file_type="glb")
+        with atomic_output(path) as tmp, open(tmp, "wb") as f:
+            f.write(data.encode("utf-8") if isinstance(data, str) else data)
+        paths[fmt] = path
+    return paths
