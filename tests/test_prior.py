@@ -1,0 +1,244 @@
+"""Prior loading: tiny real diffusers/transformers folders, no mocks, no network."""
+
+import json
+import shutil
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import CLIPTokenizer
+
+from text23d.errors import ConfigError, PriorLoadError
+from text23d.prior.loading import load_prior
+from text23d.prior.tiny import TINY_WORDS, build_tiny_model
+from text23d.prior.tokenizer import write_word_tokenizer
+
+
+# --- tokenizer -------------------------------------------------------------------------------
+
+
+def test_word_tokenizer_round_trip(tmp_path):
+    # Overlapping words ("sphere"/"here"/"he", "banana"/"nana") stress the merge construction.
+    words = TINY_WORDS + ["here", "he", "ere", "banana", "nana", "ban", "aaaa", "aa"]
+    write_word_tokenizer(tmp_path, words, model_max_length=12)
+    tok = CLIPTokenizer.from_pretrained(tmp_path)
+    assert tok.model_max_length == 12
+    ids = {}
+    for word in words:
+        pieces = tok(word, add_special_tokens=False).input_ids
+        assert len(pieces) == 1, (word, tok.convert_ids_to_tokens(pieces))
+        assert tok.convert_ids_to_tokens(pieces) == [word + "</w>"]
+        ids[word] = pieces[0]
+    assert len(set(ids.values())) == len(words)
+    # Case-insensitive, with start/end tokens, and an unknown word falls back to characters.
+    full = tok("A Red CUBE, xyz").input_ids
+    assert tok.convert_ids_to_tokens(full) == [
+        "<|startoftext|>", "a</w>", "red</w>", "cube</w>", ",</w>", "x", "y", "z</w>", "<|endoftext|>"
+    ]
+
+
+def test_word_tokenizer_rejects_digits(tmp_path):
+    with pytest.raises(ConfigError, match="'r2d2'"):
+        write_word_tokenizer(tmp_path, ["r2d2"])
+
+
+def test_tiny_model_is_deterministic(tmp_path):
+    a = build_tiny_model(tmp_path / "a", "pixel", seed=3)
+    b = build_tiny_model(tmp_path / "b", "pixel", seed=3)
+    c = build_tiny_model(tmp_path / "c", "pixel", seed=4)
+    weights = "unet/diffusion_pytorch_model.safetensors"
+    wa, wb, wc = (load_file(str(p / weights)) for p in (a, b, c))
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert not all(torch.equal(wa[k], wc[k]) for k in wa)
+
+
+# --- loading ---------------------------------------------------------------------------------
+
+
+def test_load_latent(tiny_latent_model):
+    prior = load_prior(str(tiny_latent_model))
+    assert prior.latent and prior.vae is not None
+    assert (prior.resolution, prior.channels) == (16, 4)  # sample_size 8 × VAE factor 2
+    assert prior.name == str(tiny_latent_model.resolve()) and prior.model_dir == tiny_latent_model.resolve()
+    assert prior.alphas_cumprod.shape == (1000,) and prior.alphas_cumprod.dtype == torch.float32
+    assert prior.num_train_timesteps == 1000 and prior.prediction_type == "epsilon"
+    assert not prior.text_encoder_loaded  # lazy
+    rgb = torch.rand(2, 3, 24, 24, requires_grad=True)
+    x = prior.images_to_model_space(rgb)  # resized to 16, encoded to 8×8 latents
+    assert x.shape == (2, 4, 8, 8)
+    x.sum().backward()
+    assert rgb.grad.abs().sum() > 0
+    assert prior.decode(x).shape == (2, 3, 16, 16)
+
+
+def test_load_pixel(tiny_pixel_model):
+    prior = load_prior(str(tiny_pixel_model))
+    assert not prior.latent and prior.vae is None
+    assert (prior.resolution, prior.channels) == (16, 3)
+    rgb = torch.rand(1, 3, 16, 16)
+    assert torch.equal(prior.images_to_model_space(rgb), rgb * 2 - 1)  # native size: no resize
+    assert torch.allclose(prior.decode(rgb * 2 - 1), rgb, atol=1e-6)
+    assert load_prior(str(tiny_pixel_model), resolution=32).resolution == 32
+    with pytest.raises(ConfigError, match="resolution=0"):
+        load_prior(str(tiny_pixel_model), resolution=0)
+
+
+def test_weights_frozen_and_unchanged(tiny_latent_model):
+    prior = load_prior(str(tiny_latent_model))
+    prior.encode_text(["a red cube"])
+    for folder, module in [("unet", prior.unet), ("vae", prior.vae)]:
+        on_disk = load_file(str(tiny_latent_model / folder / "diffusion_pytorch_model.safetensors"))
+        state = module.state_dict()
+        assert set(on_disk) == set(state)
+        assert all(torch.equal(state[k], on_disk[k]) for k in on_disk), folder
+    on_disk = load_file(str(tiny_latent_model / "text_encoder" / "model.safetensors"))
+    state = prior._text_encoder.state_dict()
+    assert all(torch.equal(state[k], on_disk[k]) for k in on_disk if k in state)
+    for module in (prior.unet, prior.vae, prior._text_encoder):
+        assert not module.training
+        assert not any(p.requires_grad for p in module.parameters())
+
+
+def test_encode_text_lazy_and_release(tiny_latent_model):
+    prior = load_prior(str(tiny_latent_model))
+    emb = prior.encode_text(["a red cube", ""])
+    assert emb.shape == (2, 16, 32) and emb.dtype == torch.float32
+    assert prior.text_encoder_loaded
+    assert not torch.allclose(emb[0], emb[1])
+    prior.release_text_encoder()
+    assert not prior.text_encoder_loaded
+    assert torch.equal(prior.encode_text(["a red cube"])[0], emb[0])  # reloads on demand
+
+
+def test_v_prediction_converted_to_epsilon(tmp_path):
+    prior = load_prior(str(build_tiny_model(tmp_path, "pixel", prediction_type="v_prediction")))
+    assert prior.prediction_type == "v_prediction"
+    x_t, t = torch.randn(2, 3, 16, 16), torch.tensor([50, 800])
+    emb = prior.encode_text(["a cube", "a sphere"])
+    v = prior.unet(x_t, t, encoder_hidden_states=emb).sample
+    alpha = prior.scheduler.alphas_cumprod[t].view(-1, 1, 1, 1)
+    expected = alpha.sqrt() * v + (1 - alpha).sqrt() * x_t
+    assert torch.allclose(prior.predict_noise(x_t, t, emb), expected, atol=1e-6)
+
+
+def test_learned_variance_channels_dropped(tmp_path):
+    prior = load_prior(str(build_tiny_model(tmp_path, "pixel", learned_variance=True)))
+    assert prior.unet.config.out_channels == 6 and prior.channels == 3
+    x_t, t = torch.randn(1, 3, 16, 16), torch.tensor([300])
+    emb = prior.encode_text(["a cube"])
+    full = prior.unet(x_t, t, encoder_hidden_states=emb).sample
+    assert torch.equal(prior.predict_noise(x_t, t, emb), full[:, :3])
+
+
+def test_hub_id_loads_from_local_cache(tmp_path, monkeypatch, tiny_pixel_model):
+    # The layout huggingface_hub writes: models--owner--name/{refs/main, snapshots/<commit>/...}
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hub" / "models--text23d--tiny-pixel"
+    shutil.copytree(tiny_pixel_model, repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    prior = load_prior("text23d/tiny-pixel")
+    assert prior.name == "text23d/tiny-pixel" and prior.model_dir.name == commit
+    assert prior.cache_key.startswith("text23d/tiny-pixel@")
+
+
+# --- failures: fast, and each message names the value and a fix -------------------------------
+
+
+def test_missing_path(tmp_path):
+    missing = tmp_path / "no_such_model"
+    with pytest.raises(PriorLoadError, match="does not exist") as err:
+        load_prior(str(missing))
+    assert str(missing) in str(err.value) and "Fix" in str(err.value)
+
+
+def test_folder_without_model_index(tmp_path):
+    with pytest.raises(PriorLoadError, match="is not a diffusers model folder") as err:
+        load_prior(str(tmp_path))
+    assert "model_index.json" in str(err.value) and "prior.pretrained_model_name_or_path" in str(err.value)
+
+
+def test_corrupt_component(tmp_path, tiny_latent_model):
+    folder = shutil.copytree(tiny_latent_model, tmp_path / "model")
+    (folder / "unet" / "config.json").write_text("{ this is not json")
+    with pytest.raises(PriorLoadError, match="component 'unet'") as err:
+        load_prior(str(folder))
+    assert str(folder) in str(err.value) and "re-download" in str(err.value)
+
+
+def test_corrupt_weights(tmp_path, tiny_pixel_model):
+    folder = shutil.copytree(tiny_pixel_model, tmp_path / "model")
+    (folder / "unet" / "diffusion_pytorch_model.safetensors").write_bytes(b"garbage" * 10)
+    with pytest.raises(PriorLoadError, match="component 'unet'"):
+        load_prior(str(folder))
+
+
+def test_empty_tokenizer(tmp_path, tiny_pixel_model):
+    folder = shutil.copytree(tiny_pixel_model, tmp_path / "model")
+    (folder / "tokenizer" / "vocab.json").unlink()
+    (folder / "tokenizer" / "merges.txt").unlink()
+    prior = load_prior(str(folder))  # lazy: the tokenizer is read on the first prompt
+    with pytest.raises(PriorLoadError, match="tokenizer .* loaded empty") as err:
+        prior.encode_text(["a red cube"])
+    assert str(folder) in str(err.value) and "Fix" in str(err.value)
+
+
+def test_missing_tokenizer_folder_fails_at_load(tmp_path, tiny_pixel_model):
+    folder = shutil.copytree(tiny_pixel_model, tmp_path / "model")
+    shutil.rmtree(folder / "tokenizer")
+    with pytest.raises(PriorLoadError, match="tokenizer"):
+        load_prior(str(folder))
+
+
+def test_latent_pixel_mismatch(tiny_latent_model, tiny_pixel_model):
+    with pytest.raises(PriorLoadError, match="latent=True"):
+        load_prior(str(tiny_pixel_model), latent=True)
+    with pytest.raises(PriorLoadError, match="in_channels=4"):
+        load_prior(str(tiny_latent_model), latent=False)
+    with pytest.raises(ConfigError, match="multiple of the VAE factor 2"):
+        load_prior(str(tiny_latent_model), resolution=15)
+
+
+def test_unet_vae_channel_mismatch(tmp_path, tiny_latent_model, tiny_pixel_model):
+    # A pixel UNet (3 channels) next to a 4-channel VAE: both load, but they cannot work together.
+    folder = shutil.copytree(tiny_latent_model, tmp_path / "model")
+    shutil.rmtree(folder / "unet")
+    shutil.copytree(tiny_pixel_model / "unet", folder / "unet")
+    with pytest.raises(PriorLoadError, match="in_channels=3 does not match the VAE's latent_channels=4"):
+        load_prior(str(folder))
+
+
+def test_bad_dtype(tiny_pixel_model):
+    with pytest.raises(ConfigError, match="'float64'.*float32"):
+        load_prior(str(tiny_pixel_model), dtype="float64")
+    with pytest.raises(ConfigError, match="float16.*cpu.*Fix: prior.dtype=float32"):
+        load_prior(str(tiny_pixel_model), dtype="float16")
+
+
+def test_missing_hub_id_offline_fails_fast(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    start = time.monotonic()
+    with pytest.raises(PriorLoadError, match="HF_HUB_OFFLINE=1") as err:
+        load_prior("text23d-test/does-not-exist")
+    assert time.monotonic() - start < 10
+    message = str(err.value)
+    assert "'text23d-test/does-not-exist'" in message
+    assert "huggingface-cli download text23d-test/does-not-exist" in message
+    assert "prior.pretrained_model_name_or_path=" in message
+
+
+def test_missing_hub_id_unreachable_endpoint_fails_fast(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # discard port: nothing listens
+    for var in ("http_proxy", "HTTP_PROXY", "all_proxy", "ALL_PROXY"):
+        monkeypatch.delenv(var, raising=False)
+    start = time.monotonic()
+    with pytest.raises(PriorLoadError, match="unreachable") as err:
+        load_prior("text23d-test/does-not-exist")
+    assert time.monotonic() - start < 60
+    assert "http://127.0.0.1:9" in str(err.value) and "HF_HUB_OFFLINE=1" in str(err.value)

@@ -1,0 +1,98 @@
+"""View-dependent prompts and the on-disk embedding cache."""
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from text23d.errors import ConfigError
+from text23d.prior.loading import load_prior
+from text23d.prompts.processor import PromptProcessor
+
+
+@pytest.mark.parametrize(
+    "elevation, azimuth, direction",
+    [
+        (0, 0, "front"), (0, 44, "front"), (0, -45, "front"), (0, 46, "side"), (0, -90, "side"),
+        (0, 134, "side"), (0, 136, "back"), (0, -170, "back"), (0, 180, "back"), (0, 190, "back"),
+        (0, 350, "front"), (30, 225, "back"), (59, 0, "front"), (70, 0, "overhead"), (70, 180, "overhead"),
+    ],
+)
+def test_direction_by_angle(elevation, azimuth, direction):
+    assert PromptProcessor("a cube").directions(elevation, azimuth) == [direction]
+
+
+def test_prompts_for_batch_and_thresholds():
+    pp = PromptProcessor("  a hamburger ", front_threshold=30, back_threshold=60, overhead_threshold=50)
+    prompts = pp.prompts_for(torch.tensor([0.0, 0.0, 0.0, 55.0]), torch.tensor([29.0, 31.0, 121.0, 0.0]))
+    assert prompts == [f"a hamburger, {d} view" for d in ("front", "side", "back", "overhead")]
+    plain = PromptProcessor("a hamburger", view_dependent=False)
+    assert plain.prompts_for([0, 80], [180, 0]) == ["a hamburger", "a hamburger"]
+
+
+@pytest.mark.parametrize("prompt", ["", "   ", "\n"])
+def test_empty_prompt(prompt):
+    with pytest.raises(ConfigError, match='prompt is empty.*prompt="a hamburger"'):
+        PromptProcessor(prompt)
+
+
+def test_invalid_thresholds():
+    with pytest.raises(ConfigError, match="front_threshold=100"):
+        PromptProcessor("a cube", front_threshold=100, back_threshold=100)
+    with pytest.raises(ConfigError, match="overhead_threshold=95"):
+        PromptProcessor("a cube", overhead_threshold=95)
+
+
+def test_embeddings_follow_directions(tiny_pixel_model, tmp_path):
+    prior = load_prior(str(tiny_pixel_model))
+    pp = PromptProcessor("a red cube", negative_prompt="blue", cache_dir=str(tmp_path))
+    pp.prepare(prior)
+    cond, uncond = pp(torch.tensor([0.0, 0.0, 80.0]), torch.tensor([0.0, 180.0, 0.0]))
+    assert cond.shape == uncond.shape == (3, 16, 32)
+    expected = prior.encode_text([f"a red cube, {d} view" for d in ("front", "back", "overhead")])
+    assert torch.allclose(cond, expected, atol=1e-6)
+    assert torch.allclose(uncond, prior.encode_text(["blue"]).expand(3, -1, -1), atol=1e-6)
+
+
+def test_cache_hit_skips_text_encoder(tiny_latent_model, tmp_path):
+    first = load_prior(str(tiny_latent_model))
+    computed = PromptProcessor("a green sphere", cache_dir=str(tmp_path))
+    computed.prepare(first)
+    assert first.text_encoder_loaded
+    files = sorted(tmp_path.glob("*.safetensors"))
+    assert len(files) == 5  # four views + the empty negative prompt
+    assert not list(tmp_path.glob("*.tmp"))
+    with safe_open(str(files[0]), "pt") as f:
+        assert f.metadata()["prior"] == first.cache_key
+
+    fresh = load_prior(str(tiny_latent_model))
+    cached = PromptProcessor("a green sphere", cache_dir=str(tmp_path))
+    cached.prepare(fresh)
+    assert not fresh.text_encoder_loaded  # every embedding came from disk
+    azimuth = torch.tensor([0.0, 90.0, 180.0])
+    for a, b in zip(computed(torch.zeros(3), azimuth), cached(torch.zeros(3), azimuth)):
+        assert torch.equal(a, b)
+    assert torch.allclose(cached(0, 90)[0][0], fresh.encode_text(["a green sphere, side view"])[0], atol=1e-6)
+
+
+def test_cache_is_per_model_and_uses_env_default(tiny_latent_model, tiny_pixel_model, tmp_path, monkeypatch):
+    monkeypatch.setenv("TEXT23D_CACHE", str(tmp_path))
+    folder = tmp_path / "text_embeddings"
+    latent, pixel = load_prior(str(tiny_latent_model)), load_prior(str(tiny_pixel_model))
+    assert latent.cache_key != pixel.cache_key
+    PromptProcessor("a blue cube", view_dependent=False).prepare(latent)
+    assert len(list(folder.glob("*.safetensors"))) == 2  # the prompt and ""
+    PromptProcessor("a blue cube", view_dependent=False).prepare(pixel)
+    assert pixel.text_encoder_loaded  # another model's embeddings are not reused
+    assert len(list(folder.glob("*.safetensors"))) == 4
+
+
+def test_corrupt_cache_file_is_recomputed(tiny_pixel_model, tmp_path):
+    prior = load_prior(str(tiny_pixel_model))
+    PromptProcessor("a cube", view_dependent=False, cache_dir=str(tmp_path)).prepare(prior)
+    for path in tmp_path.glob("*.safetensors"):
+        path.write_bytes(b"not a safetensors file")
+    fresh = load_prior(str(tiny_pixel_model))
+    pp = PromptProcessor("a cube", view_dependent=False, cache_dir=str(tmp_path))
+    with pytest.warns(UserWarning, match="unreadable"):
+        pp.prepare(fresh)
+    assert torch.allclose(pp(0, 0)[0][0], fresh.encode_text(["a cube"])[0], atol=1e-6)

@@ -1,0 +1,99 @@
+"""Score Distillation Sampling (DreamFusion, Poole et al. 2022, arXiv:2209.14988).
+
+    ∇θ L_SDS = E_{t,ε}[ w(t) · (ε̂(x_t; y, t) − ε) · ∂x/∂θ ]            (DreamFusion eq. 3)
+
+with x = g(θ) the render in the prior's model space, x_t = sqrt(ᾱ_t)·x + sqrt(1−ᾱ_t)·ε and ε̂ the
+classifier-free-guided noise prediction. The U-Net Jacobian ∂ε̂/∂x_t is dropped (eq. 3 vs eq. 2),
+so the U-Net runs without grad and only the renderer (and, for latent priors, the VAE encoder)
+is backpropagated through.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from text23d.errors import ConfigError
+
+WEIGHTINGS = ("sds", "uniform")
+
+
+class SDSGuidance:
+    def __init__(
+        self,
+        guidance_scale: float = 100.0,
+        min_step_percent: float = 0.02,
+        max_step_percent: float = 0.98,
+        weighting: str = "sds",
+        grad_clip: float | None = None,
+    ):
+        if not guidance_scale >= 0:
+            raise ConfigError(
+                f"guidance_scale={guidance_scale} must be >= 0 (SDS with SD uses 100, DeepFloyd IF 20). "
+                "Fix: guidance.guidance_scale=100"
+            )
+        if weighting not in WEIGHTINGS:
+            raise ConfigError(f"weighting={weighting!r} is not supported: use one of {WEIGHTINGS}.")
+        if grad_clip is not None and not grad_clip > 0:
+            raise ConfigError(f"grad_clip={grad_clip} must be > 0, or null to disable clipping.")
+        self.guidance_scale = float(guidance_scale)
+        self.weighting = weighting
+        self.grad_clip = grad_clip
+        self.min_step_percent = float(min_step_percent)
+        self.set_max_step_percent(max_step_percent)
+
+    def set_max_step_percent(self, value: float) -> None:
+        """Change the upper end of the t range (annealed downwards in refinement stages)."""
+        if not 0 < self.min_step_percent < value <= 1:
+            raise ConfigError(
+                f"timestep range min_step_percent={self.min_step_percent}, max_step_percent={value} "
+                "is invalid: need 0 < min < max <= 1. Fix: e.g. min_step_percent=0.02, max_step_percent=0.98"
+            )
+        self.max_step_percent = float(value)
+
+    def sample_timesteps(self, prior, batch_size: int) -> torch.Tensor:
+        """t ~ U{min·T, ..., max·T}, one per view, from torch's global CPU RNG (device independent)."""
+        steps = prior.num_train_timesteps
+        low = int(self.min_step_percent * steps)
+        high = min(int(self.max_step_percent * steps), steps - 1)
+        return torch.randint(low, high + 1, (batch_size,)).to(prior.device)
+
+    def __call__(self, prior, rgb, text_cond, text_uncond, t=None, noise=None) -> dict:
+        """rgb (B, H, W, 3) in [0, 1], text_cond/text_uncond (B, L, D) -> {"loss_sds", "grad_norm", "t"}."""
+        if rgb.ndim != 4 or rgb.shape[-1] != 3:
+            raise ValueError(f"SDS expects rgb in renderer layout (B, H, W, 3), got {tuple(rgb.shape)}")
+        x = prior.images_to_model_space(rgb.permute(0, 3, 1, 2))  # (B, C, h, w)
+        return self.from_model_space(prior, x, text_cond, text_uncond, t=t, noise=noise)
+
+    def from_model_space(self, prior, x, text_cond, text_uncond, t=None, noise=None) -> dict:
+        """The same loss for an x already in model space (B, C, h, w); gradients flow to x."""
+        batch = x.shape[0]
+        x = x.float()  # the surrogate loss and its gradient in float32 even for a half-precision prior
+        if t is None:
+            t = self.sample_timesteps(prior, batch)
+        t = torch.as_tensor(t, device=x.device).long().reshape(-1).expand(batch)
+        if noise is None:
+            noise = torch.randn(x.shape).to(x.device)  # CPU RNG: same draw on every device
+        alpha = prior.alphas_cumprod[t].view(-1, 1, 1, 1)  # ᾱ_t (B, 1, 1, 1)
+
+        with torch.no_grad():  # the U-Net Jacobian is skipped (DreamFusion eq. 3)
+            x_t = alpha.sqrt() * x + (1 - alpha).sqrt() * noise  # forward diffusion q(x_t | x)
+            # One U-Net call for both halves of classifier-free guidance: [cond; uncond].
+            eps = prior.predict_noise(
+                torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([text_cond, text_uncond])
+            )  # (2B, C, h, w)
+            eps_cond, eps_uncond = eps.chunk(2)
+            eps_hat = eps_uncond + self.guidance_scale * (eps_cond - eps_uncond)
+            # w(t) = 1 − ᾱ_t (DreamFusion appendix A.4): small at low noise, where ε̂ − ε is mostly
+            # the model's error on a clean-looking image rather than a useful direction.
+            weight = (1 - alpha) if self.weighting == "sds" else torch.ones_like(alpha)
+            grad = torch.nan_to_num(weight * (eps_hat - noise))  # (B, C, h, w)
+            if self.grad_clip is not None:
+                grad = grad.clamp(-self.grad_clip, self.grad_clip)
+
+        # Surrogate: d/dx 0.5·||x − sg(x − grad)||² = grad. Summed, then divided by B so a larger
+        # batch of views averages the per-view gradients instead of adding them (each view's x
+        # receives grad / B; exactly grad when B = 1).
+        target = (x - grad).detach()
+        loss = 0.5 * F.mse_loss(x, target, reduction="sum") / batch
+        return {"loss_sds": loss, "grad_norm": grad.norm().detach(), "t": t}

@@ -1,0 +1,554 @@
+"""The one place diffusion priors are loaded: local folders and Hugging Face Hub ids.
+
+Loading is fail-fast by design. Other tools hand a hub id to `from_pretrained` and leave the user
+watching minutes of retries, or get a silently empty tokenizer offline. Here:
+  * a local folder must be a diffusers folder (model_index.json); its components are loaded from the
+    `[library, class]` pairs in that file, so SD 1.x/2.x, DeepFloyd IF and our own pixel models all
+    take the same path;
+  * a hub id is looked up in the local cache first; if it is missing we either fail at once
+    (HF_HUB_OFFLINE) or probe the endpoint with a 5 s socket connect before downloading;
+  * every failure is a PriorLoadError that names the model and says how to fix it.
+The environment is read at call time: huggingface_hub snapshots HF_ENDPOINT / HF_HUB_OFFLINE when
+it is imported, which would ignore a user's (or a test's) later change.
+"""
+
+from __future__ import annotations
+
+import gc
+import hashlib
+import importlib
+import importlib.util
+import json
+import os
+import socket
+import threading
+import urllib.parse
+import urllib.request
+import warnings
+from pathlib import Path
+
+import torch
+
+import torch.nn.functional as F
+
+from text23d.errors import ConfigError, PriorLoadError
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+# Components we load; everything else in model_index.json (safety_checker, feature_extractor,
+# watermarker, image_encoder, ...) is ignored.
+NEEDED = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+LIBRARIES = ("diffusers", "transformers")
+PROBE_TIMEOUT_S = 5.0
+FOLDER_HINT = "prior.pretrained_model_name_or_path=/path/to/model"
+
+
+class Prior:
+    """A frozen diffusion model and the few operations guidance needs.
+
+    Not an nn.Module on purpose: its weights must not show up in a system's parameters or
+    checkpoints. The text side (tokenizer + encoder) is loaded on the first `encode_text` call, so a
+    run whose prompt embeddings are cached never pays for (or needs the memory of) the text encoder.
+    """
+
+    def __init__(
+        self, *, name, model_dir, unet, vae, scheduler, resolution, dtype, device, cache_key, text_loader
+    ):
+        self.name = name  # hub id or absolute folder path
+        self.model_dir = Path(model_dir)  # resolved local folder (a cache snapshot for hub ids)
+        self.unet, self.vae, self.scheduler = unet, vae, scheduler
+        self.latent = vae is not None
+        self.resolution = resolution  # pixels per side the model works at
+        self.channels = unet.config.in_channels  # model-space channels (4 latent, 3 pixel)
+        self.num_train_timesteps = scheduler.config.num_train_timesteps
+        self.prediction_type = scheduler.config.prediction_type
+        if self.prediction_type not in ("epsilon", "v_prediction", "sample"):
+            raise PriorLoadError(
+                f"prior '{name}': prediction_type={self.prediction_type!r} in scheduler_config.json is "
+                "not supported; allowed: epsilon, v_prediction, sample. Fix: use a standard model."
+            )
+        self.dtype = dtype
+        self.cache_key = cache_key
+        self.alphas_cumprod = scheduler.alphas_cumprod.to(torch.float32)  # (T,)
+        self._text_loader = text_loader
+        self._tokenizer = None
+        self._text_encoder = None
+        self.device = torch.device("cpu")
+        self.to(device)
+
+    def __repr__(self) -> str:
+        kind = "latent" if self.latent else "pixel"
+        size = f"{self.resolution}px, {self.channels}ch"
+        return f"Prior({self.name!r}, {kind}, {size}, {self.dtype}, {self.device})"
+
+    @property
+    def text_encoder_loaded(self) -> bool:
+        return self._text_encoder is not None
+
+    def to(self, device) -> "Prior":
+        self.device = torch.device(device)
+        for module in (self.unet, self.vae, self._text_encoder):
+            if module is not None:
+                module.to(self.device)
+        self.alphas_cumprod = self.alphas_cumprod.to(self.device)
+        return self
+
+    # --- text ---------------------------------------------------------------------------------
+
+    def encode_text(self, prompts: list[str]) -> torch.Tensor:
+        """Token-level embeddings (N, L, D) float32 for the UNet's cross-attention."""
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        if self._text_encoder is None:
+            self._tokenizer, encoder = self._text_loader()
+            self._text_encoder = encoder.to(self.device)
+        tokenizer, encoder = self._tokenizer, self._text_encoder
+        max_length = tokenizer.model_max_length
+        if max_length > 100_000:  # "no limit" sentinel when the config omits it
+            max_length = getattr(encoder.config, "max_position_embeddings", 77)
+        batch = tokenizer(
+            prompts, padding="max_length", max_length=max_length, truncation=True, return_tensors="pt"
+        )
+        for prompt in prompts:
+            if len(tokenizer(prompt).input_ids) > max_length:
+                warnings.warn(f"prompt {prompt!r} is longer than {max_length} tokens and was truncated")
+        kwargs = {}
+        # T5 (DeepFloyd IF) is trained with a padding mask; CLIP (SD) is not, unless its config says so.
+        if getattr(encoder.config, "model_type", "") in ("t5", "mt5", "umt5") or getattr(
+            encoder.config, "use_attention_mask", False
+        ):
+            kwargs["attention_mask"] = batch.attention_mask.to(self.device)
+        with torch.no_grad():
+            hidden = encoder(batch.input_ids.to(self.device), **kwargs)[0]  # (N, L, D)
+        return hidden.float()
+
+    def release_text_encoder(self) -> None:
+        self._tokenizer = None
+        self._text_encoder = None
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    # --- images -------------------------------------------------------------------------------
+
+    def images_to_model_space(self, rgb: torch.Tensor) -> torch.Tensor:
+        """rgb (B, 3, H, W) in [0, 1] -> (B, C, h, w) in the model dtype; differentiable w.r.t. rgb."""
+        if rgb.ndim != 4 or rgb.shape[1] != 3:
+            raise ValueError(f"expected rgb of shape (B, 3, H, W), got {tuple(rgb.shape)}")
+        size = (self.resolution, self.resolution)
+        if tuple(rgb.shape[-2:]) != size:
+            # antialias off: its backward is not implemented on every device, and renders are
+            # usually upsampled (64 -> 512), where antialiasing does nothing anyway.
+            rgb = F.interpolate(rgb, size=size, mode="bilinear", align_corners=False, antialias=False)
+        x = (rgb * 2 - 1).to(self.dtype)  # (B, 3, R, R) in [-1, 1]
+        if self.vae is None:
+            return x
+        # The posterior mean, not a sample: the encoder's own noise would only add variance to SDS.
+        z = self.vae.encode(x).latent_dist.mean  # (B, 4, R/f, R/f)
+        shift = getattr(self.vae.config, "shift_factor", None) or 0.0
+        return (z - shift) * self.vae.config.scaling_factor
+
+    @torch.no_grad()
+    def decode(self, x: torch.Tensor) -> torch.Tensor:
+        """Model space (B, C, h, w) -> rgb (B, 3, H, W) float32 in [0, 1], for visualisation."""
+        x = x.to(self.device, self.dtype)
+        if self.vae is not None:
+            shift = getattr(self.vae.config, "shift_factor", None) or 0.0
+            x = self.vae.decode(x / self.vae.config.scaling_factor + shift).sample
+        return ((x.float() + 1) / 2).clamp(0, 1)
+
+    # --- denoiser -----------------------------------------------------------------------------
+
+    def predict_noise(self, x_t: torch.Tensor, t: torch.Tensor, text_emb: torch.Tensor) -> torch.Tensor:
+        """ε̂(x_t; y, t) as float32 (B, C, h, w), whatever the model was trained to predict.
+
+        x_t (B, C, h, w); t (B,) integer timesteps; text_emb (B, L, D).
+        """
+        t = torch.as_tensor(t, device=self.device).long().reshape(-1).expand(x_t.shape[0])
+        out = self.unet(x_t.to(self.dtype), t, encoder_hidden_states=text_emb.to(self.dtype)).sample
+        # Learned variance (DeepFloyd IF): out has 2C channels, [ε, variance]; keep ε.
+        out = out[:, : self.channels].float()
+        if self.prediction_type == "epsilon":
+            return out
+        alpha = self.alphas_cumprod[t].view(-1, 1, 1, 1)  # ᾱ_t (B, 1, 1, 1)
+        x_t = x_t.float()
+        if self.prediction_type == "v_prediction":
+            # v = sqrt(ᾱ)ε − sqrt(1−ᾱ)x0 and x_t = sqrt(ᾱ)x0 + sqrt(1−ᾱ)ε  ⇒  ε = sqrt(ᾱ)v + sqrt(1−ᾱ)x_t
+            return alpha.sqrt() * out + (1 - alpha).sqrt() * x_t
+        return (x_t - alpha.sqrt() * out) / (1 - alpha).sqrt()  # x0-prediction
+
+
+def load_prior(
+    pretrained_model_name_or_path: str,
+    dtype: str = "float32",
+    device="cpu",
+    latent: bool | str | None = "auto",
+    resolution: int | None = None,
+) -> Prior:
+    """Load a frozen diffusion prior from a diffusers folder or a Hub id. See module docstring."""
+    name = str(pretrained_model_name_or_path)
+    torch_dtype = _check_dtype(dtype, device)
+    want_latent = _check_latent_flag(latent)
+    model_dir, name = _resolve_model_dir(name)
+    index = _read_model_index(model_dir, name)
+    has_vae = isinstance(index.get("vae"), list) and index["vae"][0] is not None
+    latent_mode = has_vae if want_latent is None else want_latent
+    if latent_mode and not has_vae:
+        raise PriorLoadError(
+            f"prior '{name}' has no 'vae' in {model_dir / 'model_index.json'}, but latent=True was "
+            "requested. Fix: use latent=auto (pixel-space models like DeepFloyd IF have no VAE), "
+            "or point to a latent model such as Stable Diffusion."
+        )
+    for component in ("unet", "scheduler", "text_encoder", "tokenizer"):
+        _component_entry(index, component, model_dir, name)  # fail now, not at the first prompt
+
+    unet = _load_component(model_dir, index, "unet", name, torch_dtype)
+    vae = _load_component(model_dir, index, "vae", name, torch_dtype) if latent_mode else None
+    scheduler = _load_scheduler(model_dir, name)
+    _check_shapes(name, unet, vae, latent_mode)
+    if resolution is None:
+        resolution = _native_resolution(unet, vae)
+    elif not (isinstance(resolution, int) and resolution > 0):
+        raise ConfigError(f"resolution={resolution!r} must be a positive integer (pixels), or null for native.")
+    elif vae is not None and resolution % _vae_factor(vae):
+        raise ConfigError(
+            f"resolution={resolution} is not a multiple of the VAE factor {_vae_factor(vae)} of "
+            f"prior '{name}'. Fix: pass a multiple of it, e.g. {_native_resolution(unet, vae)}."
+        )
+
+    def load_text_side():  # called lazily by Prior.encode_text
+        tokenizer = _load_component(model_dir, index, "tokenizer", name, None)
+        _check_tokenizer(tokenizer, name, model_dir)
+        encoder = _load_component(model_dir, index, "text_encoder", name, torch_dtype)
+        return tokenizer, encoder
+
+    return Prior(
+        name=name,
+        model_dir=model_dir,
+        unet=unet,
+        vae=vae,
+        scheduler=scheduler,
+        resolution=int(resolution),
+        dtype=torch_dtype,
+        device=torch.device(device),
+        cache_key=_cache_key(name, model_dir),
+        text_loader=load_text_side,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Arguments
+
+
+def _check_dtype(dtype, device) -> torch.dtype:
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise ConfigError(
+            f"prior device={device!r} is not a torch device ({err}). Fix: device=cpu or device=cuda"
+        ) from err
+    key = str(dtype).removeprefix("torch.")
+    if key not in DTYPES:
+        raise ConfigError(
+            f"prior dtype={dtype!r} is not supported: use one of {sorted(DTYPES)}. "
+            "Fix: prior.dtype=float32 (float16 only on CUDA)."
+        )
+    if key == "float16" and device.type == "cpu":
+        raise ConfigError(
+            "prior dtype='float16' on device 'cpu' is not supported (many CPU kernels lack half "
+            "precision and it is slower). Fix: prior.dtype=float32, or run on a GPU (device=cuda)."
+        )
+    return DTYPES[key]
+
+
+def _check_latent_flag(latent) -> bool | None:
+    if latent is None or latent == "auto":
+        return None
+    if isinstance(latent, bool):
+        return latent
+    raise ConfigError(f"prior latent={latent!r} is not allowed: use auto, true or false.")
+
+
+# ---------------------------------------------------------------------------------------------
+# Where the files are: local folder or Hugging Face Hub
+
+
+def _resolve_model_dir(name: str) -> tuple[Path, str]:
+    """Return (local folder, display name). Local paths become absolute; hub ids stay ids."""
+    path = Path(name).expanduser()
+    if path.is_dir():
+        return path.resolve(), str(path.resolve())
+    if path.exists():
+        raise PriorLoadError(
+            f"prior '{name}' is a file, not a diffusers model folder. "
+            f"Fix: point to the folder that contains model_index.json: {FOLDER_HINT}"
+        )
+    if not _looks_like_hub_id(name):
+        raise PriorLoadError(
+            f"prior '{name}' does not exist ({path.resolve()}) and is not a Hugging Face Hub id "
+            f"(owner/name). Fix: check the path, or use an id such as "
+            f"'stabilityai/stable-diffusion-2-1-base': {FOLDER_HINT}"
+        )
+    return Path(_hub_snapshot(name)), name
+
+
+def _looks_like_hub_id(name: str) -> bool:
+    parts = name.split("/")
+    allowed = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.")
+    return (
+        len(parts) == 2
+        and all(p and set(p) <= allowed and not p.startswith(".") for p in parts)
+        and not name.startswith(("./", "../", "~"))
+    )
+
+
+def _hub_snapshot(repo_id: str) -> str:
+    from huggingface_hub import snapshot_download
+
+    cache_dir = _hub_cache_dir()
+    try:  # the cache first, even online: no network round trip for a model we already have
+        return snapshot_download(
+            repo_id, allow_patterns=["model_index.json"], cache_dir=cache_dir, local_files_only=True
+        )
+    except Exception:  # not cached (LocalEntryNotFoundError and friends): go on below
+        pass
+    download_cmd = f"`huggingface-cli download {repo_id}`"
+    not_local = f" (no local folder {Path(repo_id).resolve()} exists either)"
+    if _env_true("HF_HUB_OFFLINE") or _env_true("TRANSFORMERS_OFFLINE"):
+        raise PriorLoadError(
+            f"prior '{repo_id}' is not in the local Hugging Face cache ({cache_dir}) and "
+            f"HF_HUB_OFFLINE=1{not_local}. Download it on a machine with network ({download_cmd}) "
+            f"and copy the cache, or point to a local folder: {FOLDER_HINT}"
+        )
+    endpoint = (os.environ.get("HF_ENDPOINT") or "https://huggingface.co").rstrip("/")
+    reason = _probe(endpoint)
+    if reason:
+        raise PriorLoadError(
+            f"prior '{repo_id}' is not in the local Hugging Face cache ({cache_dir}) and the hub "
+            f"endpoint {endpoint} is unreachable ({reason}){not_local}. Fix: connect to the network, or "
+            f"download it elsewhere ({download_cmd}) and copy the cache, or point to a local "
+            f"folder: {FOLDER_HINT}. Set HF_HUB_OFFLINE=1 to skip this network check."
+        )
+    return _download(repo_id, endpoint, cache_dir)
+
+
+def _download(repo_id: str, endpoint: str, cache_dir: str) -> str:
+    from huggingface_hub import snapshot_download
+
+    kwargs = dict(cache_dir=cache_dir, endpoint=endpoint)
+    try:
+        folder = snapshot_download(repo_id, allow_patterns=["model_index.json"], **kwargs)
+        index = _read_model_index(Path(folder), repo_id)
+        parts = [c for c in NEEDED if isinstance(index.get(c), list) and index[c][0] is not None]
+        # Configs, tokenizer files and safetensors weights only: never pickled .bin/.ckpt files,
+        # and not the fp16/EMA duplicates that would double the download.
+        patterns = ["model_index.json"] + [
+            f"{c}/*.{ext}" for c in parts for ext in ("json", "txt", "model", "safetensors")
+        ]
+        ignore = ["*.fp16.*", "*.fp16-*", "*non_ema*", "*.ema.*"]
+        return snapshot_download(repo_id, allow_patterns=patterns, ignore_patterns=ignore, **kwargs)
+    except PriorLoadError:
+        raise
+    except Exception as err:
+        gated = type(err).__name__ in ("RepositoryNotFoundError", "GatedRepoError")
+        fix = (
+            "check the spelling; for a gated model accept its license on the hub and run "
+            "`huggingface-cli login`"
+            if gated
+            else "retry, or download it elsewhere and copy the cache"
+        )
+        raise PriorLoadError(
+            f"prior '{repo_id}' could not be downloaded from {endpoint}: {type(err).__name__}: "
+            f"{_first_line(err)}. Fix: {fix}, or point to a local folder: {FOLDER_HINT}"
+        ) from err
+
+
+def _probe(endpoint: str) -> str | None:
+    """Return None if a TCP connection to the endpoint (or its proxy) opens within 5 s, else why not.
+
+    Runs in a daemon thread so that a hanging DNS lookup cannot exceed the timeout either.
+    """
+    url = urllib.parse.urlsplit(endpoint)
+    host, port = url.hostname, url.port or (443 if url.scheme == "https" else 80)
+    proxy = urllib.request.getproxies().get(url.scheme)
+    if proxy and host and not urllib.request.proxy_bypass(host):
+        proxy_url = urllib.parse.urlsplit(proxy if "://" in proxy else "http://" + proxy)
+        host, port = proxy_url.hostname, proxy_url.port or 80
+    if not host:
+        return f"HF_ENDPOINT={endpoint!r} has no host name"
+    result: list[str | None] = []
+
+    def connect():
+        try:
+            socket.create_connection((host, port), timeout=PROBE_TIMEOUT_S).close()
+            result.append(None)
+        except OSError as err:
+            result.append(f"{host}:{port}: {err}")
+
+    thread = threading.Thread(target=connect, daemon=True)
+    thread.start()
+    thread.join(PROBE_TIMEOUT_S + 0.5)
+    return result[0] if result else f"{host}:{port}: no answer within {PROBE_TIMEOUT_S:.0f} s"
+
+
+def _hub_cache_dir() -> str:
+    if os.environ.get("HF_HUB_CACHE") or os.environ.get("HUGGINGFACE_HUB_CACHE"):
+        return os.path.expanduser(os.environ.get("HF_HUB_CACHE") or os.environ["HUGGINGFACE_HUB_CACHE"])
+    xdg = os.environ.get("XDG_CACHE_HOME") or os.path.join("~", ".cache")
+    home = os.environ.get("HF_HOME") or os.path.join(xdg, "huggingface")
+    return os.path.join(os.path.expanduser(home), "hub")
+
+
+def _env_true(key: str) -> bool:
+    return os.environ.get(key, "").strip().upper() in ("1", "ON", "YES", "TRUE")
+
+
+# ---------------------------------------------------------------------------------------------
+# What is in the folder
+
+
+def _read_model_index(model_dir: Path, name: str) -> dict:
+    path = model_dir / "model_index.json"
+    if not path.is_file():
+        raise PriorLoadError(
+            f"prior '{name}' is not a diffusers model folder: {path} is missing. Fix: point to the "
+            "folder that holds model_index.json and the unet/, text_encoder/, tokenizer/, "
+            f"scheduler/ subfolders (a pipeline saved with save_pretrained): {FOLDER_HINT}"
+        )
+    try:
+        index = json.loads(path.read_text(encoding="utf-8"))
+        assert isinstance(index, dict)
+        return index
+    except Exception as err:
+        raise PriorLoadError(
+            f"prior '{name}': {path} is not valid JSON ({_first_line(err)}). "
+            "Fix: restore the file from the original model (re-download or re-save it)."
+        ) from err
+
+
+def _component_entry(index: dict, component: str, model_dir: Path, name: str) -> tuple[str, str]:
+    entry = index.get(component)
+    if not (isinstance(entry, list) and len(entry) == 2 and entry[0] is not None):
+        raise PriorLoadError(
+            f"prior '{name}' has no '{component}' component in {model_dir / 'model_index.json'} "
+            f"(found {entry!r}). Fix: use a full text-to-image diffusers pipeline folder with "
+            "unet, text_encoder, tokenizer and scheduler."
+        )
+    library, cls = entry
+    if library not in LIBRARIES:
+        raise PriorLoadError(
+            f"prior '{name}': component '{component}' comes from library {library!r}; only "
+            f"{LIBRARIES} are allowed. Fix: re-save the model with standard components."
+        )
+    if not (model_dir / component).is_dir():
+        raise PriorLoadError(
+            f"prior '{name}': component folder {model_dir / component} is missing. Fix: re-download "
+            "the model, or copy the missing folder from the original."
+        )
+    return library, cls
+
+
+def _load_component(model_dir: Path, index: dict, component: str, name: str, torch_dtype):
+    library, cls_name = _component_entry(index, component, model_dir, name)
+    kwargs = {"subfolder": component, "local_files_only": True}
+    if library == "diffusers" and importlib.util.find_spec("accelerate") is None:
+        kwargs["low_cpu_mem_usage"] = False  # its default; saying so silences a warning per component
+    if torch_dtype is not None:
+        # diffusers accepts torch_dtype everywhere; transformers 5 renamed it to dtype (>= 4.56).
+        kwargs[_dtype_kwarg(library)] = torch_dtype
+    try:
+        cls = getattr(importlib.import_module(library), cls_name)
+        module = cls.from_pretrained(str(model_dir), **kwargs)
+    except Exception as err:
+        raise PriorLoadError(
+            f"prior '{name}': component '{component}' ({library}.{cls_name}) failed to load from "
+            f"{model_dir / component}: {type(err).__name__}: {_first_line(err)}. Fix: the files are "
+            "corrupt or incomplete; re-download the model (or re-save it with save_pretrained)."
+        ) from err
+    if isinstance(module, torch.nn.Module):
+        module.requires_grad_(False).eval()  # frozen: the prior is never trained here
+    return module
+
+
+def _dtype_kwarg(library: str) -> str:
+    if library == "transformers":
+        import transformers
+        from packaging.version import Version
+
+        if Version(transformers.__version__).release >= (4, 56):
+            return "dtype"
+    return "torch_dtype"
+
+
+def _load_scheduler(model_dir: Path, name: str):
+    # DDPM whatever the pipeline shipped (PNDM for SD): we need only the training schedule ᾱ_t,
+    # and DDPMScheduler reads the same beta/prediction-type keys from any scheduler config.
+    from diffusers import DDPMScheduler
+
+    try:
+        return DDPMScheduler.from_pretrained(str(model_dir), subfolder="scheduler", local_files_only=True)
+    except Exception as err:
+        raise PriorLoadError(
+            f"prior '{name}': component 'scheduler' failed to load from {model_dir / 'scheduler'}: "
+            f"{type(err).__name__}: {_first_line(err)}. Fix: restore scheduler/scheduler_config.json."
+        ) from err
+
+
+def _check_tokenizer(tokenizer, name: str, model_dir: Path) -> None:
+    # transformers may "load" a tokenizer whose files are missing as an empty one that maps every
+    # word to the unknown token: the run would then silently ignore the prompt.
+    special = set(tokenizer.all_special_ids)
+    real = [i for i in tokenizer("a", add_special_tokens=False).input_ids if i not in special]
+    if len(tokenizer) <= 3 or not real:
+        raise PriorLoadError(
+            f"prior '{name}': the tokenizer in {model_dir / 'tokenizer'} loaded empty (vocabulary "
+            f"size {len(tokenizer)}, 'a' encodes to no real token): its vocabulary files are missing "
+            "or unreadable. Fix: re-download the model, or copy the tokenizer/ folder from the original."
+        )
+
+
+def _check_shapes(name: str, unet, vae, latent: bool) -> None:
+    if getattr(unet.config, "addition_embed_type", None):
+        raise PriorLoadError(
+            f"prior '{name}': its UNet needs extra conditioning ({unet.config.addition_embed_type}, "
+            "e.g. SDXL), which is not supported. Fix: use SD 1.x/2.x, DeepFloyd IF stage I or a pixel model."
+        )
+    channels = unet.config.in_channels
+    if latent and channels != vae.config.latent_channels:
+        raise PriorLoadError(
+            f"prior '{name}': UNet in_channels={channels} does not match the VAE's latent_channels="
+            f"{vae.config.latent_channels}. Fix: the unet/ and vae/ folders come from different "
+            "models; restore them from one model."
+        )
+    if not latent and channels != 3:
+        raise PriorLoadError(
+            f"prior '{name}': pixel mode needs a UNet on 3-channel images, but in_channels={channels}. "
+            "Fix: use latent=auto for a latent model (with a vae/ folder)."
+        )
+
+
+def _vae_factor(vae) -> int:
+    return 2 ** (len(vae.config.block_out_channels) - 1)
+
+
+def _native_resolution(unet, vae) -> int:
+    size = unet.config.sample_size
+    size = size[0] if isinstance(size, (list, tuple)) else size
+    return int(size) * (_vae_factor(vae) if vae is not None else 1)
+
+
+def _cache_key(name: str, model_dir: Path) -> str:
+    """Changes when the text side changes: file names, sizes, mtimes and the config contents."""
+    digest = hashlib.sha256()
+    for sub in ("text_encoder", "tokenizer"):
+        for path in sorted((model_dir / sub).glob("*")):
+            if path.is_file():
+                stat = path.stat()
+                digest.update(f"{sub}/{path.name}:{stat.st_size}:{stat.st_mtime_ns}\n".encode())
+    config = model_dir / "text_encoder" / "config.json"
+    if config.is_file():
+        digest.update(config.read_bytes())
+    return f"{name}@{digest.hexdigest()[:16]}"
+
+
+def _first_line(err: Exception) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0].rstrip(".") if text else "(no message)"

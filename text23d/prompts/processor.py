@@ -1,0 +1,147 @@
+"""View-dependent prompts (DreamFusion §3.2) and an on-disk cache of their text embeddings.
+
+A 2D prior asked for "a hamburger" from every side draws the front every time, which grows faces
+on all sides (the Janus problem). Appending the camera's direction — ", front view",
+", side view", ", back view", ", overhead view" — tells the prior which side it is looking at.
+
+Embeddings are cached per (prior, text) as safetensors, so a repeated run never loads the text
+encoder (for DeepFloyd IF's T5-XXL that saves ~20 GB of memory and a minute of loading).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+import warnings
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from text23d.errors import ConfigError
+
+DIRECTIONS = ("front", "side", "back", "overhead")
+
+
+class PromptProcessor:
+    def __init__(
+        self,
+        prompt: str,
+        negative_prompt: str = "",
+        view_dependent: bool = True,
+        front_threshold: float = 45.0,
+        back_threshold: float = 45.0,
+        overhead_threshold: float = 60.0,
+        cache_dir: str | None = None,
+    ):
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise ConfigError(f'prompt is empty ({prompt!r}): pass prompt="a hamburger"')
+        if not (0 <= front_threshold and 0 <= back_threshold and front_threshold + back_threshold <= 180):
+            raise ConfigError(
+                f"front_threshold={front_threshold}, back_threshold={back_threshold} are invalid: each "
+                "must be >= 0 and their sum <= 180 degrees. Fix: front_threshold=45, back_threshold=45"
+            )
+        if not 0 <= overhead_threshold <= 90:
+            raise ConfigError(
+                f"overhead_threshold={overhead_threshold} must be within [0, 90] degrees of elevation. "
+                "Fix: overhead_threshold=60"
+            )
+        self.prompt = prompt.strip()
+        self.negative_prompt = (negative_prompt or "").strip()
+        self.view_dependent = view_dependent
+        self.front_threshold = float(front_threshold)
+        self.back_threshold = float(back_threshold)
+        self.overhead_threshold = float(overhead_threshold)
+        self.cache_dir = cache_dir
+        self._cond = None  # (4, L, D): one embedding per direction, in DIRECTIONS order
+        self._uncond = None  # (1, L, D)
+
+    # --- which prompt for which camera ------------------------------------------------------
+
+    def directions(self, elevation_deg, azimuth_deg) -> list[str]:
+        """One of DIRECTIONS per camera; azimuth 0 is the front, angles in degrees."""
+        return [DIRECTIONS[i] for i in self._direction_ids(elevation_deg, azimuth_deg).tolist()]
+
+    def prompts_for(self, elevation_deg, azimuth_deg) -> list[str]:
+        return [self._texts()[i] for i in self._direction_ids(elevation_deg, azimuth_deg).tolist()]
+
+    def _direction_ids(self, elevation_deg, azimuth_deg) -> torch.Tensor:
+        elevation = torch.as_tensor(elevation_deg, dtype=torch.float32).reshape(-1).cpu()  # (B,)
+        azimuth = torch.as_tensor(azimuth_deg, dtype=torch.float32).reshape(-1).cpu()  # (B,)
+        if elevation.shape != azimuth.shape:
+            raise ValueError(f"elevation {tuple(elevation.shape)} and azimuth {tuple(azimuth.shape)} differ")
+        if not self.view_dependent:
+            return torch.zeros_like(azimuth, dtype=torch.long)
+        azimuth = torch.remainder(azimuth + 180.0, 360.0) - 180.0  # wrap to [-180, 180): 190 -> -170
+        ids = torch.ones_like(azimuth, dtype=torch.long)  # side unless front/back below
+        ids[azimuth.abs() <= self.front_threshold] = 0
+        ids[azimuth.abs() >= 180.0 - self.back_threshold] = 2
+        ids[elevation > self.overhead_threshold] = 3  # looking down: the azimuth says little
+        return ids
+
+    def _texts(self) -> list[str]:
+        if not self.view_dependent:
+            return [self.prompt] * len(DIRECTIONS)
+        return [f"{self.prompt}, {d} view" for d in DIRECTIONS]
+
+    # --- embeddings ---------------------------------------------------------------------------
+
+    def prepare(self, prior) -> None:
+        """Load the embeddings from the cache, or compute (and cache) the missing ones."""
+        texts = list(dict.fromkeys(self._texts() + [self.negative_prompt]))
+        cache = self._cache_folder()
+        found = {text: self._load(cache, prior, text) for text in texts}
+        missing = [text for text, emb in found.items() if emb is None]
+        if missing:  # only now is the text encoder loaded
+            for text, emb in zip(missing, prior.encode_text(missing)):
+                found[text] = emb
+                self._save(cache, prior, text, emb)
+        found = {text: emb.to(prior.device) for text, emb in found.items()}
+        self._cond = torch.stack([found[text] for text in self._texts()])  # (4, L, D)
+        self._uncond = found[self.negative_prompt][None]  # (1, L, D)
+
+    def __call__(self, elevation_deg, azimuth_deg) -> tuple[torch.Tensor, torch.Tensor]:
+        """Conditional and unconditional embeddings, each (B, L, D), for B cameras."""
+        if self._cond is None:
+            raise RuntimeError("PromptProcessor.prepare(prior) must be called before use")
+        ids = self._direction_ids(elevation_deg, azimuth_deg).to(self._cond.device)
+        cond = self._cond[ids]  # (B, L, D)
+        return cond, self._uncond.expand(len(ids), -1, -1)
+
+    def _cache_folder(self) -> Path:
+        if self.cache_dir:
+            return Path(self.cache_dir).expanduser()
+        root = os.environ.get("TEXT23D_CACHE") or os.path.join("~", ".cache", "text23d")
+        return Path(root).expanduser() / "text_embeddings"
+
+    @staticmethod
+    def _path(cache: Path, prior, text: str) -> Path:
+        key = hashlib.sha256(f"{prior.cache_key}\n{text}".encode()).hexdigest()
+        return cache / f"{key}.safetensors"
+
+    def _load(self, cache: Path, prior, text: str) -> torch.Tensor | None:
+        path = self._path(cache, prior, text)
+        if not path.is_file():
+            return None
+        try:
+            return load_file(str(path))["embedding"]  # (L, D) float32; safetensors, never pickle
+        except Exception as err:  # truncated or foreign file: recompute and overwrite it
+            warnings.warn(f"ignoring unreadable text-embedding cache file {path}: {err}")
+            return None
+
+    def _save(self, cache: Path, prior, text: str, emb: torch.Tensor) -> None:
+        tmp = None
+        try:
+            cache.mkdir(parents=True, exist_ok=True)
+            # tmp file + os.replace: a crash or a parallel run never leaves a half-written file.
+            fd, tmp = tempfile.mkstemp(dir=cache, suffix=".tmp")
+            os.close(fd)
+            meta = {"text": text, "prior": prior.cache_key}
+            save_file({"embedding": emb.detach().float().cpu().contiguous()}, tmp, metadata=meta)
+            os.replace(tmp, self._path(cache, prior, text))
+        except OSError as err:  # a read-only cache must not stop the run
+            warnings.warn(f"could not write the text-embedding cache in {cache}: {err}")
+        finally:
+            if tmp is not None and os.path.exists(tmp):
+                os.remove(tmp)
