@@ -1,0 +1,135 @@
+"""`run(cfg)`: seed, build, fit, export, summarise. The CLI is a thin shell around it; tests call it."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+import warnings
+from pathlib import Path
+
+import lightning as L
+import torch
+from hydra.errors import InstantiationException
+from hydra.utils import get_class
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from text23d import config as tconfig
+from text23d.checkpoint import (AtomicCheckpointIO, PeriodicCheckpoint, find_checkpoint,
+                                load_checkpoint_file, run_dir_of)
+from text23d.errors import ConfigError
+from text23d.export.artifacts import export_artifacts
+
+log = logging.getLogger("text23d")
+# Our loader yields step indices only (cameras are drawn in the step, RNG restored from the
+# checkpoint), so resuming mid-"epoch" is exact; Lightning cannot know that and would warn.
+warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before")
+
+
+def run(cfg: DictConfig, overrides: list[str] | None = None, callbacks: list | None = None) -> dict:
+    """Train (or resume, or only export) as `cfg` says; returns the run summary (also on disk)."""
+    if cfg.export.get("ckpt"):
+        return export_only(cfg)
+    ckpt_path, start_step = None, 0
+    if cfg.get("resume"):
+        cfg, ckpt_path, start_step = resume_config(cfg, overrides or [])
+    tconfig.validate(cfg)
+    if not cfg.get("output_dir"):
+        raise ConfigError("output_dir is not set: pass output_dir=/some/folder (the CLI sets it for you)")
+    out_dir = Path(cfg.output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    _write_atomic(out_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    if cfg.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
+    system = build_system(cfg)
+    trainer = build_trainer(cfg, out_dir, callbacks or [], start_step)
+    start = time.time()
+    trainer.fit(system, ckpt_path=str(ckpt_path) if ckpt_path else None)
+    if trainer.interrupted:
+        log.warning("training interrupted at step %d; resume with: text23d resume=%s",
+                    trainer.global_step, out_dir)
+    train_time = time.time() - start
+    exported = export_artifacts(system, out_dir, trainer.global_step)
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
+    summary = {
+        "prompt": cfg.prompt, "system": cfg.system.name, "steps": trainer.global_step,
+        "resumed_from": str(ckpt_path) if ckpt_path else None,
+        "wall_time_s": round(time.time() - start, 2), "train_time_s": round(train_time, 2),
+        "final_loss": metrics.get("train/loss"), "metrics": {**metrics, **exported["metrics"]},
+        "artifacts": {**exported["artifacts"], "checkpoint": str(out_dir / "ckpts" / "last.ckpt"),
+                      "config": str(out_dir / "config.yaml"),
+                      "validation_images": sorted(str(p) for p in (out_dir / "save").glob("*-val.png")),
+                      "logs": str(out_dir / "logs")},
+        "output_dir": str(out_dir),
+    }
+    _write_atomic(out_dir / "summary.json", json.dumps(summary, indent=2))
+    log.info("done: %s", out_dir)
+    return summary
+
+
+def build_system(cfg: DictConfig):
+    try:
+        return get_class(cfg.system._target_)(cfg)
+    except (InstantiationException, TypeError, OmegaConfBaseException) as e:
+        raise ConfigError(f"cannot build system '{cfg.system.name}': {str(e).splitlines()[0]}. "
+                          "Check the keys you overrode (text23d --cfg job shows the config).") from None
+
+
+def build_trainer(cfg: DictConfig, out_dir: Path, callbacks: list, start_step: int = 0) -> L.Trainer:
+    from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+
+    ckpt = PeriodicCheckpoint(out_dir / "ckpts" / "last.ckpt", cfg.checkpoint.every_n_train_steps)
+    # A resumed run logs CSV into a new version folder: the CSV logger rewrites its file.
+    loggers = [TensorBoardLogger(out_dir / "logs", name="tensorboard", version=""),
+               CSVLogger(out_dir / "logs", name="csv", version=f"resumed-{start_step}" if start_step else "")]
+    return L.Trainer(**OmegaConf.to_container(cfg.trainer, resolve=True), deterministic=cfg.deterministic,
+                     default_root_dir=out_dir, logger=loggers, callbacks=[ckpt, *callbacks],
+                     plugins=[AtomicCheckpointIO()], enable_checkpointing=False,
+                     limit_val_batches=0, num_sanity_val_steps=0, max_epochs=-1,
+                     use_distributed_sampler=False)  # every DDP rank runs every step
+
+
+def resume_config(cfg: DictConfig, overrides: list[str]) -> tuple[DictConfig, Path, int]:
+    """The saved config of the run being resumed, plus any explicit command-line overrides
+    (e.g. trainer.max_steps=20000 to extend it). Output goes to the original run folder."""
+    ckpt = find_checkpoint(cfg.resume)
+    data = load_checkpoint_file(ckpt)
+    saved = OmegaConf.create(data["text23d"]["config"])
+    OmegaConf.set_struct(saved, True)
+    extra = [o.lstrip("+") for o in overrides
+             if not o.startswith(("resume=", "hydra.", "output_dir=", "export."))]
+    try:
+        merged = OmegaConf.merge(saved, OmegaConf.from_dotlist(extra))
+    except OmegaConfBaseException as e:
+        raise ConfigError(f"cannot apply {extra} to the resumed run: {str(e).splitlines()[0]}") from None
+    with_dir = OmegaConf.merge(merged, {"resume": str(ckpt), "output_dir": str(run_dir_of(ckpt))})
+    return with_dir, ckpt, int(data.get("global_step", 0))
+
+
+def export_only(cfg: DictConfig) -> dict:
+    """Re-export video and mesh from a checkpoint; no training, no diffusion model."""
+    ckpt = find_checkpoint(cfg.export.ckpt)
+    data = load_checkpoint_file(ckpt)
+    saved = OmegaConf.create(data["text23d"]["config"])
+    OmegaConf.set_struct(saved, False)
+    out_dir = run_dir_of(ckpt)
+    # Export settings come from this command, not from the run being exported.
+    saved.export = OmegaConf.merge(saved.export, {k: v for k, v in cfg.export.items() if k != "ckpt"})
+    saved.output_dir = str(out_dir)
+    tconfig.validate(saved)
+    system = build_system(saved)
+    system.load_state_dict(data["state_dict"])
+    exported = export_artifacts(system, out_dir, data.get("global_step", 0))
+    summary = {"checkpoint": str(ckpt), "steps": data.get("global_step", 0), **exported}
+    _write_atomic(out_dir / f"export-{data.get('global_step', 0):06d}.json", json.dumps(summary, indent=2))
+    return summary
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
