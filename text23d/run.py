@@ -82,12 +82,15 @@ def build_system(cfg: DictConfig):
 def build_trainer(cfg: DictConfig, out_dir: Path, callbacks: list, start_step: int = 0) -> L.Trainer:
     from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
+    from text23d.progress import StepProgressBar
+
     ckpt = PeriodicCheckpoint(out_dir / "ckpts" / "last.ckpt", cfg.checkpoint.every_n_train_steps)
+    bar = [StepProgressBar()] if cfg.trainer.get("enable_progress_bar", True) else []
     # A resumed run logs CSV into a new version folder: the CSV logger rewrites its file.
     loggers = [TensorBoardLogger(out_dir / "logs", name="tensorboard", version=""),
                CSVLogger(out_dir / "logs", name="csv", version=f"resumed-{start_step}" if start_step else "")]
     return L.Trainer(**OmegaConf.to_container(cfg.trainer, resolve=True), deterministic=cfg.deterministic,
-                     default_root_dir=out_dir, logger=loggers, callbacks=[ckpt, *callbacks],
+                     default_root_dir=out_dir, logger=loggers, callbacks=[ckpt, *bar, *callbacks],
                      plugins=[AtomicCheckpointIO()], enable_checkpointing=False,
                      limit_val_batches=0, num_sanity_val_steps=0, max_epochs=-1,
                      use_distributed_sampler=False)  # every DDP rank runs every step

@@ -63,9 +63,11 @@ def _read_overrides(job_dir: str) -> list[str]:
         return [str(o) for o in (yaml.safe_load(f) or [])]
 
 
-def _rebase(path: str | None, output_dir: str | None, job_dir: str) -> str | None:
+def _rebase(path, output_dir: str | None, job_dir: str):
     """Point an absolute artifact path into job_dir when the sweep folder was moved or copied."""
-    if not path or os.path.exists(path) or not output_dir:
+    if isinstance(path, list):
+        return [_rebase(p, output_dir, job_dir) for p in path]
+    if not isinstance(path, str) or not path or os.path.exists(path) or not output_dir:
         return path
     rel = os.path.relpath(path, output_dir)
     moved = os.path.join(job_dir, rel)
