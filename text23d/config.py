@@ -61,3 +61,12 @@ def validate(cfg: DictConfig) -> None:
 def export_formats(cfg: DictConfig) -> list[str]:
     f = cfg.export.format
     return [f] if isinstance(f, str) else list(f)
+
+
+def compose(overrides: list[str]) -> DictConfig:
+    """The config the CLI would build for these overrides (for scripts, notebooks and tests)."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_module
+
+    with initialize_config_module("text23d.conf", version_base="1.3"):
+        return hydra_compose("config", overrides=overrides)

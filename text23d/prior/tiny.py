@@ -44,26 +44,34 @@ def build_tiny_model(
         raise ConfigError(
             f"prediction_type={prediction_type!r} is not supported: use one of {PREDICTION_TYPES}."
         )
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
     latent = kind == "latent"
-
-    write_word_tokenizer(folder / "tokenizer", TINY_WORDS, model_max_length=16)
-    tokenizer = CLIPTokenizer.from_pretrained(folder / "tokenizer")
-
+    channels = 4 if latent else 3
+    out_channels = 2 * channels if learned_variance else channels
     # fork_rng: building a model must not disturb the caller's global RNG stream.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        _text_encoder(tokenizer).save_pretrained(folder / "text_encoder")
-        channels = 4 if latent else 3
-        out_channels = 2 * channels if learned_variance else channels
-        _unet(channels, out_channels, sample_size=8 if latent else 16).save_pretrained(folder / "unet")
-        if latent:
-            _vae().save_pretrained(folder / "vae")
-    _scheduler(prediction_type, learned_variance).save_pretrained(folder / "scheduler")
+        return save_model_folder(
+            folder, TINY_WORDS, lambda tok: _text_encoder(tok),
+            unet=_unet(channels, out_channels, sample_size=8 if latent else 16),
+            scheduler=_scheduler(prediction_type, learned_variance), vae=_vae() if latent else None)
 
+
+def save_model_folder(folder, words: list[str], make_text_encoder, unet, scheduler, vae=None,
+                      model_max_length: int = 16) -> Path:
+    """Write a model in the diffusers folder layout that `load_prior` (and diffusers) read:
+    model_index.json, tokenizer/ (one token per word), text_encoder/, unet/, scheduler/, [vae/].
+    `make_text_encoder(tokenizer)` builds the encoder once the vocabulary size is known."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    write_word_tokenizer(folder / "tokenizer", words, model_max_length=model_max_length)
+    tokenizer = CLIPTokenizer.from_pretrained(folder / "tokenizer")
+    make_text_encoder(tokenizer).save_pretrained(folder / "text_encoder")
+    unet.save_pretrained(folder / "unet")
+    scheduler.save_pretrained(folder / "scheduler")
+    if vae is not None:
+        vae.save_pretrained(folder / "vae")
     index = {
-        "_class_name": "StableDiffusionPipeline" if latent else "Text23dPixelPipeline",
+        "_class_name": "StableDiffusionPipeline" if vae is not None else "Text23dPixelPipeline",
         "_diffusers_version": diffusers.__version__,
         "unet": ["diffusers", "UNet2DConditionModel"],
         "scheduler": ["diffusers", "DDPMScheduler"],
@@ -73,7 +81,7 @@ def build_tiny_model(
         "safety_checker": [None, None],
         "feature_extractor": [None, None],
     }
-    if latent:
+    if vae is not None:
         index["vae"] = ["diffusers", "AutoencoderKL"]
     (folder / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
     return folder

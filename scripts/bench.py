@@ -1,0 +1,151 @@
+"""Speed and memory of one optimisation step, for fixed configurations. JSON out.
+
+    python scripts/bench.py                      # every configuration this machine can run
+    python scripts/bench.py --only sds-grid-32 --steps 20 --out bench.json
+
+Each configuration runs in its own process, so peak memory is that configuration's alone.
+Models are built from configs with random weights (no downloads): speed depends on shapes,
+not on what the weights know. On CUDA, `sds-sd21-64` uses Stable Diffusion 2.1-base's exact
+UNet / VAE / text-encoder shapes, so real SDS speed is measured without fetching weights.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+# name: (prior kind, render size, geometry, extra overrides, needs CUDA)
+CONFIGS = {
+    "sds-grid-32": ("pixel32", 32, "grid", [], False),
+    "sds-grid-64": ("pixel64", 64, "grid", [], False),
+    "sds-nerf-64": ("pixel64", 64, "nerf", [], False),
+    "sds-sd21-64": ("sd21", 64, "grid", ["prior.dtype=float16"], True),
+}
+WORDS = "a red blue green cube sphere hamburger front side back overhead view".split()
+
+
+def build_prior(kind: str, folder: Path) -> Path:
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from text23d.prior.tiny import save_model_folder
+
+    def text_encoder(hidden, layers, heads, inter, length):
+        return lambda tok: CLIPTextModel(CLIPTextConfig(
+            vocab_size=len(tok), hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+            intermediate_size=inter, max_position_embeddings=length, bos_token_id=tok.bos_token_id,
+            eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, hidden_act="gelu"))
+
+    sched = DDPMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear",
+                          beta_start=0.00085, beta_end=0.012)
+    if kind.startswith("pixel"):  # the built-in prior's shapes (~2.5 M parameters)
+        unet = UNet2DConditionModel(
+            sample_size=int(kind[5:]), in_channels=3, out_channels=3, block_out_channels=(32, 64, 96),
+            layers_per_block=2, cross_attention_dim=64, attention_head_dim=4,
+            down_block_types=("DownBlock2D", "DownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D", "UpBlock2D"))
+        return save_model_folder(folder, WORDS, text_encoder(64, 2, 4, 128, 16), unet, sched)
+    # Stable Diffusion 2.1-base: 865 M-parameter UNet, OpenCLIP-H text encoder (23 layers × 1024).
+    unet = UNet2DConditionModel(
+        sample_size=64, in_channels=4, out_channels=4, block_out_channels=(320, 640, 1280, 1280),
+        layers_per_block=2, cross_attention_dim=1024, attention_head_dim=(5, 10, 20, 20),
+        use_linear_projection=True,
+        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3)
+    vae = AutoencoderKL(block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4,
+                        down_block_types=("DownEncoderBlock2D",) * 4,
+                        up_block_types=("UpDecoderBlock2D",) * 4, sample_size=512)
+    return save_model_folder(folder, WORDS, text_encoder(1024, 23, 16, 4096, 77), unet.half(), sched,
+                             vae=vae.half(), model_max_length=77)
+
+
+def bench_one(name: str, steps: int, warmup: int) -> dict:
+    import lightning as L
+    import torch
+
+    from text23d.config import compose
+    from text23d.run import build_system
+
+    kind, size, geometry, extra, _ = CONFIGS[name]
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    with tempfile.TemporaryDirectory() as tmp:
+        model = build_prior(kind, Path(tmp) / "model")
+        cfg = compose(["prompt=a red cube", f"geometry={geometry}", f"system.width={size}",
+                           f"system.height={size}", f"prior.pretrained_model_name_or_path={model}",
+                           f"output_dir={tmp}/run", "system.shading.ambient_only_steps=0", *extra])
+        times: list[float] = []
+
+        class Timer(L.Callback):
+            def on_train_batch_start(self, *a):
+                if device == "cuda":
+                    torch.cuda.synchronize()
+                self.t = time.perf_counter()
+
+            def on_train_batch_end(self, *a):
+                if device == "cuda":
+                    torch.cuda.synchronize()
+                times.append(time.perf_counter() - self.t)
+
+        L.seed_everything(0, verbose=False)
+        system = build_system(cfg)
+        trainer = L.Trainer(max_steps=warmup + steps, accelerator=device, devices=1, logger=False,
+                            enable_checkpointing=False, enable_progress_bar=False, callbacks=[Timer()],
+                            enable_model_summary=False, max_epochs=-1)
+        if device == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        trainer.fit(system)
+    timed = sorted(times[warmup:])
+    median = timed[len(timed) // 2]
+    result = {"config": name, "device": device, "render": f"{size}x{size}", "geometry": geometry,
+              "prior": kind, "steps_timed": len(timed), "median_step_s": round(median, 4),
+              "it_per_s": round(1 / median, 2),
+              "peak_cpu_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
+    if device == "cuda":
+        result["peak_gpu_mem_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+        result["gpu"] = torch.cuda.get_device_name()
+    return result
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--only", nargs="*", choices=sorted(CONFIGS), help="configurations to run")
+    ap.add_argument("--steps", type=int, default=20, help="timed steps per configuration")
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--out", help="also write the JSON here")
+    ap.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one configuration, print JSON
+    args = ap.parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if args.one:
+        print("BENCH " + json.dumps(bench_one(args.one, args.steps, args.warmup)))
+        return
+    import torch
+
+    names = args.only or [n for n, c in CONFIGS.items() if torch.cuda.is_available() or not c[4]]
+    results = []
+    for name in names:
+        p = subprocess.run([sys.executable, __file__, "--one", name, "--steps", str(args.steps),
+                            "--warmup", str(args.warmup)], capture_output=True, text=True)
+        lines = [line for line in p.stdout.splitlines() if line.startswith("BENCH ")]
+        results.append(json.loads(lines[-1][6:]) if lines and p.returncode == 0
+                       else {"config": name, "error": (p.stderr or p.stdout).strip().splitlines()[-1:]})
+        print(json.dumps(results[-1]), file=sys.stderr)
+    report = {"machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
+                          "torch": torch.__version__, "threads": torch.get_num_threads()},
+              "results": results}
+    text = json.dumps(report, indent=2)
+    print(text)
+    if args.out:
+        Path(args.out).write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
