@@ -1,6 +1,5 @@
 """Prior loading: tiny real diffusers/transformers folders, no mocks, no network."""
 
-import json
 import shutil
 import time
 

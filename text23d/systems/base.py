@@ -78,6 +78,13 @@ class BaseSystem(L.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self._rng_to_restore = checkpoint.get("text23d", {}).get("rng")
 
+    def on_train_start(self) -> None:
+        if self.trainer.world_size > 1 and self.global_rank > 0:
+            # DDP: every rank must draw its own cameras and noise, or N GPUs do one GPU's work.
+            # (Checkpoints hold rank 0's RNG; other ranks re-derive theirs from seed, rank and step.)
+            torch.manual_seed(self.cfg.seed + 1_000_003 * self.global_rank + self.global_step)
+            self._rng_to_restore = None
+
     def on_train_batch_start(self, batch, batch_idx) -> None:
         # Restored here, not at load time: Lightning may draw random numbers in between.
         if self._rng_to_restore is not None:

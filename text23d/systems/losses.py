@@ -2,7 +2,6 @@
 `system.loss`; each is a number or a linear ramp [start_step, start_value, end_value, end_step]."""
 from __future__ import annotations
 
-import torch
 from torch import Tensor
 
 from text23d.errors import ConfigError
