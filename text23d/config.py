@@ -27,8 +27,17 @@ def slugify(text: str, max_len: int = SLUG_MAX) -> str:
     return slug
 
 
+def builtin_prior_path() -> str:
+    """The built-in prior's folder inside the installed package (see scripts/train_prior.py)."""
+    from pathlib import Path
+
+    return str(Path(__file__).resolve().parent / "prior" / "builtin")
+
+
 if not OmegaConf.has_resolver("slug"):
     OmegaConf.register_new_resolver("slug", slugify)
+if not OmegaConf.has_resolver("builtin_prior"):
+    OmegaConf.register_new_resolver("builtin_prior", builtin_prior_path)
 
 
 def _positive_int(value, name: str, minimum: int = 1) -> None:

@@ -113,22 +113,29 @@ def resume_config(cfg: DictConfig, overrides: list[str]) -> tuple[DictConfig, Pa
     return with_dir, ckpt, int(data.get("global_step", 0))
 
 
-def export_only(cfg: DictConfig) -> dict:
-    """Re-export video and mesh from a checkpoint; no training, no diffusion model."""
-    ckpt = find_checkpoint(cfg.export.ckpt)
+def load_system(ckpt_or_dir, export_overrides: dict | None = None):
+    """The trained system of a checkpoint (no diffusion model loaded), its step and run folder."""
+    ckpt = find_checkpoint(ckpt_or_dir)
     data = load_checkpoint_file(ckpt)
     saved = OmegaConf.create(data["text23d"]["config"])
     OmegaConf.set_struct(saved, False)
-    out_dir = run_dir_of(ckpt)
-    # Export settings come from this command, not from the run being exported.
-    saved.export = OmegaConf.merge(saved.export, {k: v for k, v in cfg.export.items() if k != "ckpt"})
-    saved.output_dir = str(out_dir)
+    if export_overrides:
+        saved.export = OmegaConf.merge(saved.export, export_overrides)
+    saved.output_dir = str(run_dir_of(ckpt))
     tconfig.validate(saved)
     system = build_system(saved)
     system.load_state_dict(data["state_dict"])
-    exported = export_artifacts(system, out_dir, data.get("global_step", 0))
-    summary = {"checkpoint": str(ckpt), "steps": data.get("global_step", 0), **exported}
-    _write_atomic(out_dir / f"export-{data.get('global_step', 0):06d}.json", json.dumps(summary, indent=2))
+    return system, int(data.get("global_step", 0)), ckpt
+
+
+def export_only(cfg: DictConfig) -> dict:
+    """Re-export video and mesh from a checkpoint; no training, no diffusion model.
+    Export settings come from this command, not from the run being exported."""
+    overrides = {k: v for k, v in cfg.export.items() if k != "ckpt"}
+    system, step, ckpt = load_system(cfg.export.ckpt, overrides)
+    exported = export_artifacts(system, system.out_dir, step)
+    summary = {"checkpoint": str(ckpt), "steps": step, **exported}
+    _write_atomic(system.out_dir / f"export-{step:06d}.json", json.dumps(summary, indent=2))
     return summary
 
 

@@ -1,8 +1,10 @@
-"""What a finished run leaves for people: turntable video, image grid, meshes."""
+"""What a finished run leaves for people: turntable video, image grid, meshes (per particle)."""
 from __future__ import annotations
 
 import logging
 from pathlib import Path
+
+import numpy as np
 
 from text23d.config import export_formats
 from text23d.export.mesh import extract_mesh, save_mesh
@@ -13,31 +15,50 @@ log = logging.getLogger("text23d")
 
 
 def export_artifacts(system, out_dir: Path, step: int) -> dict:
-    """Video + grid of the evaluation orbit and the mesh, under `out_dir/save/`. Needs only the
-    3D representation (no diffusion model), so it runs the same from a live run or a checkpoint."""
-    ex, save = system.cfg.export, Path(out_dir) / "save"
+    """Video + grid of the evaluation orbit and the mesh of every particle, under `out_dir/save/`.
+    Needs only the 3D representation (no diffusion model): the same from a live run or a checkpoint.
+    One particle: save/it<N>-test.{mp4,png}, save/it<N>-export/model.{obj,glb}. Several: the same
+    with a -particle<i> / particle<i> tag each, and save/it<N>-particles.png side by side."""
+    save = Path(out_dir) / "save"
     system.eval()
-    views = system.render_views(system.camera_sampler.orbit(ex.video_views), ex.video_resolution)
-    frames = [to_uint8(_side_by_side(v["rgb"], v["normal"])) for v in views]
-    artifacts = {"video": save_video(frames, save / f"it{step:06d}-test.mp4", fps=ex.fps)}
-    k = max(1, len(views) // 8)
-    artifacts["grid"] = save_image(make_grid([to_uint8(v["rgb"]) for v in views[::k][:8]], ncol=8),
-                                   save / f"it{step:06d}-test.png")
-    geometry, radius = system.geometry, system.renderer.radius
-    threshold = ex.isosurface_threshold
-    metrics = {}
+    n = len(system.particles)
+    artifacts, metrics, rows = {}, {}, []
+    for i in range(n):
+        tag = "" if n == 1 else f"-particle{i}"
+        a, m, views = _export_particle(system, i, save, step, tag)
+        rows.append([to_uint8(v["rgb"]) for v in views])
+        if n == 1:
+            artifacts, metrics = a, m
+        else:
+            artifacts.setdefault("particles", []).append(a)
+            metrics.update({f"particle{i}/{k}": v for k, v in m.items()})
+    if n > 1:
+        grid = make_grid([t for row in rows for t in row], ncol=len(rows[0]),
+                         labels=[f"particle {i}" if j == 0 else "" for i, row in enumerate(rows) for j in range(len(row))])
+        artifacts["grid"] = save_image(grid, save / f"it{step:06d}-particles.png")
+        artifacts.update({k: v for k, v in artifacts["particles"][0].items() if k != "grid"})
+    return {"artifacts": artifacts, "metrics": metrics}
+
+
+def _export_particle(system, i: int, save: Path, step: int, tag: str) -> tuple[dict, dict, list]:
+    ex = system.cfg.export
+    particle, radius = system.particles[i], system.renderer.radius
+    views = system.render_views(system.camera_sampler.orbit(ex.video_views), ex.video_resolution, particle=i)
+    frames = [to_uint8(np.concatenate([v["rgb"], v["normal"]], axis=1)) for v in views]  # rgb | normals
+    artifacts = {"video": save_video(frames, save / f"it{step:06d}{tag}-test.mp4", fps=ex.fps)}
+    picks = views[:: max(1, len(views) // 8)][:8]
+    artifacts["grid"] = save_image(make_grid([to_uint8(v["rgb"]) for v in picks], ncol=8),
+                                   save / f"it{step:06d}{tag}-test.png")
+    threshold, metrics = ex.isosurface_threshold, {}
     if threshold == "auto":
-        threshold, iou = auto_threshold(geometry, system.camera_sampler.orbit(8), radius)
+        threshold, iou = auto_threshold(particle.geometry, system.camera_sampler.orbit(8), radius)
         metrics["mesh_silhouette_iou"] = iou
         log.info("isosurface threshold %.3g chosen automatically (silhouette IoU %.3f vs renders)", threshold, iou)
+    geometry = particle.geometry
     mesh = extract_mesh(geometry.density, geometry.albedo, radius, ex.resolution, float(threshold))
-    paths = save_mesh(mesh, save / f"it{step:06d}-export", "model", export_formats(system.cfg))
+    stem = "model" if not tag else f"particle{i}"
+    paths = save_mesh(mesh, save / f"it{step:06d}-export", stem, export_formats(system.cfg))
     artifacts.update({f"mesh_{fmt}": p for fmt, p in paths.items()})
     metrics.update({"isosurface_threshold": float(threshold), "mesh_vertices": len(mesh.vertices),
                     "mesh_faces": len(mesh.faces)})
-    return {"artifacts": {k: str(v) for k, v in artifacts.items()}, "metrics": metrics}
-
-
-def _side_by_side(rgb, normal):
-    import numpy as np
-    return np.concatenate([rgb, normal], axis=1)
+    return {k: str(v) for k, v in artifacts.items()}, metrics, picks

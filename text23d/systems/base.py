@@ -14,7 +14,10 @@ import numpy as np
 import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
+from torch import nn
 from torch.utils.data import DataLoader, Dataset
+
+from text23d.errors import ConfigError
 
 from text23d.export.video import make_grid, save_image, to_uint8
 
@@ -35,12 +38,23 @@ class StepDataset(Dataset):
         return i
 
 
+class Particle(nn.Module):
+    """One 3D representation being optimised: a geometry (density + albedo) and its background."""
+
+    def __init__(self, geometry: nn.Module, background: nn.Module):
+        super().__init__()
+        self.geometry, self.background = geometry, background
+
+
 class BaseSystem(L.LightningModule):
     def __init__(self, cfg: DictConfig):
         super().__init__()
         self.cfg = cfg
-        self.geometry = instantiate(cfg.geometry)
-        self.background = instantiate(cfg.system.background)
+        n = cfg.system.get("num_particles", 1)
+        if not isinstance(n, int) or n < 1:
+            raise ConfigError(f"system.num_particles={n!r}: must be an integer ≥ 1 (e.g. system.num_particles=2)")
+        self.particles = nn.ModuleList(
+            Particle(instantiate(cfg.geometry), instantiate(cfg.system.background)) for _ in range(n))
         self.renderer = instantiate(cfg.renderer)
         self.camera_sampler = instantiate(cfg.camera)
         self.prior = self.prompt_processor = self.guidance = None  # loaded for training only
@@ -94,13 +108,21 @@ class BaseSystem(L.LightningModule):
             self._rng_to_restore = None
 
     # ---- rendering for people: validation grids, turntables ---------------------------------
+    @property
+    def geometry(self) -> nn.Module:  # the first (for most systems the only) particle
+        return self.particles[0].geometry
+
+    @property
+    def background(self) -> nn.Module:
+        return self.particles[0].background
+
     @torch.no_grad()
-    def render_views(self, cams, resolution: int, shading: str = "albedo") -> list[dict]:
+    def render_views(self, cams, resolution: int, shading: str = "albedo", particle: int = 0) -> list[dict]:
         """Render views one at a time (memory stays flat); returns numpy rgb/normal/opacity."""
-        views = []
+        views, p = [], self.particles[particle]
         for i in range(len(cams)):
             cam = type(cams)(*(getattr(cams, f)[i:i + 1].to(self.device) for f in cams.__dataclass_fields__))
-            out = self.renderer(self.geometry, self.background, cam, resolution, resolution,
+            out = self.renderer(p.geometry, p.background, cam, resolution, resolution,
                                 shading=shading, need_normals=True)
             normal = (out["comp_normal"][0] * 0.5 + 0.5) * out["opacity"][0] + (1 - out["opacity"][0])
             views.append({"rgb": out["comp_rgb"][0].cpu().numpy(), "normal": normal.cpu().numpy(),
@@ -113,10 +135,14 @@ class BaseSystem(L.LightningModule):
             self.save_validation(self.global_step)
 
     def save_validation(self, step: int) -> Path:
+        """Rows: rgb / normals / opacity of a few orbit views, for every particle."""
         v = self.cfg.validation
-        views = self.render_views(self.camera_sampler.orbit(v.views), v.resolution)
-        tiles = [to_uint8(x[k]) for k in ("rgb", "normal", "opacity") for x in views]
-        grid = make_grid(tiles, ncol=len(views))
+        cams = self.camera_sampler.orbit(v.views)
+        tiles = []
+        for i in range(len(self.particles)):
+            views = self.render_views(cams, v.resolution, particle=i)
+            tiles += [to_uint8(x[k]) for k in ("rgb", "normal", "opacity") for x in views]
+        grid = make_grid(tiles, ncol=v.views)
         path = save_image(grid, self.out_dir / "save" / f"it{step:06d}-val.png")
         for logger in self.loggers:
             if hasattr(logger.experiment, "add_image"):
