@@ -8,7 +8,7 @@ import pytest
 import torch
 import trimesh
 
-from helpers import compose_cfg
+from helpers import Crash, compose_cfg
 from text23d.errors import CheckpointError
 from text23d.run import run
 
@@ -68,15 +68,6 @@ def _flat(x):
     if isinstance(x, (list, tuple)):
         return [t for v in x for t in _flat(v)]
     return []
-
-
-class Crash(L.Callback):
-    def __init__(self, at_step):
-        self.at_step = at_step
-
-    def on_train_batch_start(self, trainer, *args):
-        if trainer.global_step == self.at_step:
-            raise RuntimeError("simulated crash")
 
 
 @pytest.mark.parametrize("crash_at", [3])

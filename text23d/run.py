@@ -54,6 +54,8 @@ def run(cfg: DictConfig, overrides: list[str] | None = None, callbacks: list | N
                     trainer.global_step, out_dir)
     train_time = time.time() - start
     exported = export_artifacts(system, out_dir, trainer.global_step)
+    if getattr(system, "lora", None) is not None:
+        exported["artifacts"]["lora"] = system.save_lora(out_dir / "ckpts" / "lora.safetensors")
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
     summary = {
         "prompt": cfg.prompt, "system": cfg.system.name, "steps": trainer.global_step,
@@ -124,7 +126,9 @@ def load_system(ckpt_or_dir, export_overrides: dict | None = None):
     saved.output_dir = str(run_dir_of(ckpt))
     tconfig.validate(saved)
     system = build_system(saved)
-    system.load_state_dict(data["state_dict"])
+    skip = getattr(system, "export_skips_prefix", None)  # e.g. VSD's LoRA: needs the prior to exist
+    state = {k: v for k, v in data["state_dict"].items() if not (skip and k.startswith(skip))}
+    system.load_state_dict(state)
     return system, int(data.get("global_step", 0)), ckpt
 
 

@@ -62,20 +62,31 @@ class BaseSystem(L.LightningModule):
         self._rng_to_restore = None
 
     # ---- parts that only training needs (export never loads the diffusion model) ----------
-    def on_fit_start(self) -> None:
+    def setup(self, stage: str) -> None:
+        # In setup, not on_fit_start: parts built from the prior (VSD's LoRA) must exist before
+        # Lightning configures optimizers and restores a checkpoint into them.
+        if stage != "fit" or self.prior is not None:
+            return
         from text23d.prior.loading import load_prior
 
-        self.prior = load_prior(**OmegaConf.to_container(self.cfg.prior, resolve=True), device=self.device)
+        device = self.trainer.strategy.root_device
+        self.prior = load_prior(**OmegaConf.to_container(self.cfg.prior, resolve=True), device=device)
         self.prompt_processor = instantiate(self.cfg.system.prompt_processor)
         self.prompt_processor.prepare(self.prior)
         self.guidance = instantiate(self.cfg.guidance)
+        self.setup_guidance()
+
+    def setup_guidance(self) -> None:
+        """Hook for systems whose guidance has trainable parts (VSD)."""
+
+    def on_fit_start(self) -> None:
         s, t = self.cfg.system, self.cfg.trainer
-        log.info("text23d: %s on %s | prior %s (%s, %dpx) | render %dx%d | %d steps | %s",
+        log.info("text23d: %s on %s | prior %s (%s, %dpx) | render %dx%d | %d particle(s) | %d steps | %s",
                  s.name, self.device, self.prior.name, "latent" if self.prior.latent else "pixel",
-                 self.prior.resolution, s.width, s.height, t.max_steps, self.out_dir)
+                 self.prior.resolution, s.width, s.height, len(self.particles), t.max_steps, self.out_dir)
 
     def configure_optimizers(self):
-        return instantiate(self.cfg.system.optimizer)(self.parameters())
+        return instantiate(self.cfg.system.optimizer)(self.particles.parameters())
 
     def train_dataloader(self) -> DataLoader:
         # Its own generator: creating the iterator must not draw from the global RNG.

@@ -1,0 +1,316 @@
+"""VSD and its camera-LoRA score model on the tiny models, against formulas written out here:
+the prior's U-Net and the LoRA copy's U-Net are called directly, with classifier-free guidance."""
+
+import copy
+import math
+
+import pytest
+import torch
+
+from text23d.errors import CheckpointError, ConfigError
+from text23d.guidance.lora import CameraLoRAUNet, load_lora_safetensors
+from text23d.guidance.sds import SDSGuidance
+from text23d.guidance.vsd import VSDGuidance
+from text23d.prior.loading import load_prior
+from text23d.prior.tiny import build_tiny_model
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """One intra-op thread for this module (restored after): on a busy 2-core machine the tiny
+    U-Net's many small ops ran ~4x slower with 2 threads (61 s vs 13 s for this file)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def latent_prior(tiny_latent_model):
+    return load_prior(str(tiny_latent_model))
+
+
+@pytest.fixture(scope="module")
+def pixel_prior(tiny_pixel_model):
+    return load_prior(str(tiny_pixel_model))
+
+
+def _text(prior, batch):
+    emb = prior.encode_text(["a red cube", ""])  # (2, L, D)
+    return emb[:1].expand(batch, -1, -1), emb[1:].expand(batch, -1, -1)
+
+
+def _poses(batch, seed=0):
+    """Random camera-to-world matrices (B, 4, 4): a rotation and a translation at distance ~2."""
+    gen = torch.Generator().manual_seed(seed)
+    rot, _ = torch.linalg.qr(torch.randn(batch, 3, 3, generator=gen))
+    c2w = torch.eye(4).repeat(batch, 1, 1)
+    c2w[:, :3, :3] = rot
+    c2w[:, :3, 3] = 2 * rot[:, :, 2]
+    return c2w
+
+
+def _perturb_lora(lora, seed=0):
+    """Random LoRA B matrices and camera MLP, so that ε̂_φ differs from the base model's prediction."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in lora.trainable_parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=gen))
+
+
+def _reference_grad(prior, lora, x, cond, uncond, c2w, t, noise, scale, lora_scale, weighting):
+    """w(t)·(ε̂_pretrained − ε̂_φ) from eq. 9, with one U-Net call per branch."""
+    alpha = prior.scheduler.alphas_cumprod[t].view(-1, 1, 1, 1)
+    x_t = alpha.sqrt() * x + (1 - alpha).sqrt() * noise
+    labels = c2w.reshape(-1, 16)
+    with torch.no_grad():
+        eps_c = prior.unet(x_t, t, encoder_hidden_states=cond).sample
+        eps_u = prior.unet(x_t, t, encoder_hidden_states=uncond).sample
+        lora_c = lora.unet(x_t, t, encoder_hidden_states=cond, class_labels=labels).sample
+        lora_u = lora.unet(x_t, t, encoder_hidden_states=cond, class_labels=torch.zeros_like(labels)).sample
+    weight = 1 - alpha if weighting == "sds" else 1.0
+    eps_pretrained = eps_u + scale * (eps_c - eps_u)
+    eps_lora = lora_u + lora_scale * (lora_c - lora_u)  # camera-free branch as "unconditional"
+    return weight * (eps_pretrained - eps_lora)
+
+
+def test_vsd_gradient_parity_pixel_through_rgb(pixel_prior):
+    torch.manual_seed(0)
+    batch = 2
+    cond, uncond = _text(pixel_prior, batch)
+    vsd = VSDGuidance(guidance_scale=7.5)
+    _perturb_lora(vsd.setup(pixel_prior))
+    rgb = torch.rand(batch, 16, 16, 3, requires_grad=True)  # native resolution: x = 2·rgb − 1 exactly
+    c2w, t, noise = _poses(batch), torch.tensor([250, 900]), torch.randn(batch, 3, 16, 16)
+    out = vsd(pixel_prior, rgb, cond, uncond, c2w, t=t, noise=noise)
+    out["loss_vsd"].backward()
+
+    x = rgb.detach().permute(0, 3, 1, 2) * 2 - 1
+    grad = _reference_grad(pixel_prior, vsd.lora, x, cond, uncond, c2w, t, noise, 7.5, 1.0, "sds")
+    expected = (2 * grad / batch).permute(0, 2, 3, 1)  # d x / d rgb = 2; loss / B
+    assert torch.allclose(rgb.grad, expected, rtol=1e-4, atol=1e-5 * expected.abs().max())
+    assert torch.allclose(out["grad_norm"], grad.norm(), rtol=1e-4)
+    assert torch.equal(out["t"], t)
+    assert torch.equal(out["x0"], x) and not out["x0"].requires_grad  # what the LoRA trains on
+
+
+def test_vsd_gradient_parity_latent_with_lora_cfg(latent_prior):
+    torch.manual_seed(1)
+    batch = 2
+    cond, uncond = _text(latent_prior, batch)
+    vsd = VSDGuidance(guidance_scale=7.5, lora_guidance_scale=2.0, weighting="uniform")
+    _perturb_lora(vsd.setup(latent_prior), seed=1)
+    x = torch.randn(batch, 4, 8, 8, requires_grad=True)
+    c2w, t, noise = _poses(batch, 1), torch.tensor([100, 700]), torch.randn(batch, 4, 8, 8)
+    out = vsd.from_model_space(latent_prior, x, cond, uncond, c2w, t=t, noise=noise)
+    out["loss_vsd"].backward()
+    grad = _reference_grad(
+        latent_prior, vsd.lora, x.detach(), cond, uncond, c2w, t, noise, 7.5, 2.0, "uniform"
+    )
+    assert torch.allclose(x.grad * batch, grad, rtol=1e-4, atol=1e-5 * grad.abs().max())
+    assert torch.allclose(out["loss_vsd"], 0.5 * (grad**2).sum() / batch, rtol=1e-4)
+
+
+def test_fresh_lora_is_the_base_model_so_vsd_is_sds_with_eps_hat_for_eps(latent_prior):
+    torch.manual_seed(2)
+    batch = 2
+    cond, uncond = _text(latent_prior, batch)
+    vsd = VSDGuidance(guidance_scale=7.5)
+    lora = vsd.setup(latent_prior)
+    x_t, t, c2w = torch.randn(batch, 4, 8, 8), torch.tensor([30, 600]), _poses(batch, 2)
+    with torch.no_grad():
+        base = latent_prior.predict_noise(x_t, t, cond)
+        assert torch.equal(lora.predict_noise(x_t, t, cond, c2w), base)  # B = 0 and zero camera MLP
+        assert torch.equal(lora.predict_noise(x_t, t, cond, torch.zeros_like(c2w)), base)
+
+    # With one particle and an untrained LoRA: grad_VSD = grad_SDS + w(t)·(ε − ε̂_base(x_t; y, t)).
+    x = torch.randn(batch, 4, 8, 8)
+    noise = torch.randn(batch, 4, 8, 8)
+    grads = []
+    for guidance, args in ((vsd, (c2w,)), (SDSGuidance(guidance_scale=7.5), ())):
+        xg = x.clone().requires_grad_(True)
+        out = guidance.from_model_space(latent_prior, xg, cond, uncond, *args, t=t, noise=noise)
+        next(v for k, v in out.items() if k.startswith("loss_")).backward()
+        grads.append(xg.grad * batch)
+    alpha = latent_prior.alphas_cumprod[t].view(-1, 1, 1, 1)
+    x_t = alpha.sqrt() * x + (1 - alpha).sqrt() * noise
+    with torch.no_grad():
+        difference = (1 - alpha) * (noise - latent_prior.predict_noise(x_t, t, cond))
+    assert torch.allclose(grads[0], grads[1] + difference, rtol=1e-4, atol=1e-5 * difference.abs().max())
+
+
+@pytest.fixture(scope="module")
+def trained(pixel_prior):
+    """A VSD whose LoRA took 4 AdamW steps (lr 1e-3) on a fixed batch of renders, with the prior's
+    U-Net snapshot from before anything was built."""
+    before = {k: v.clone() for k, v in pixel_prior.unet.state_dict().items()}
+    vsd = VSDGuidance(lora_lr=1e-3)
+    lora = vsd.setup(pixel_prior)
+    initial = lora.trainable_state_dict()
+    cond, _ = _text(pixel_prior, 2)
+    gen = torch.Generator().manual_seed(3)
+    x0 = (torch.rand(2, 3, 16, 16, generator=gen) * 2 - 1)  # "renders" in model space
+    c2w = _poses(2, 3)
+
+    def loss():
+        torch.manual_seed(123)  # the same t, ε and camera-drop draws every time: a fixed batch
+        return vsd.lora_loss(x0, cond, c2w)
+
+    with torch.no_grad():
+        losses = [loss().item()]
+    opt = vsd.lora_optimizer()
+    for _ in range(4):
+        opt.zero_grad()
+        value = loss()
+        value.backward()
+        opt.step()
+    with torch.no_grad():
+        losses.append(loss().item())
+    return dict(vsd=vsd, before=before, initial=initial, losses=losses, cond=cond)
+
+
+def test_lora_training_moves_the_copy_and_never_the_prior(pixel_prior, trained):
+    first, last = trained["losses"]
+    assert last < first
+    after = trained["vsd"].lora.trainable_state_dict()
+    assert after.keys() == trained["initial"].keys()
+    moved = {k for k in after if not torch.equal(after[k], trained["initial"][k])}
+    assert any(".lora_B." in k for k in moved) and any(".lora_A." in k for k in moved)
+    assert "unet.class_embedding.2.weight" in moved and "unet.class_embedding.0.weight" in moved
+    assert all(v.dtype == torch.float32 for v in after.values())
+
+    unet = pixel_prior.unet
+    state = unet.state_dict()
+    assert state.keys() == trained["before"].keys()
+    assert all(torch.equal(state[k], trained["before"][k]) for k in state)  # bit-identical
+    assert not any("lora" in name for name, _ in unet.named_modules())
+    assert getattr(unet, "peft_config", None) is None and not getattr(unet, "_hf_peft_config_loaded", False)
+    assert unet.class_embedding is None
+    assert not any(p.requires_grad for p in unet.parameters())
+
+
+def test_camera_changes_the_trained_lora_prediction(trained):
+    lora, cond = trained["vsd"].lora, trained["cond"][:1]
+    torch.manual_seed(4)
+    x_t, t = torch.randn(1, 3, 16, 16), torch.tensor([500])
+    with torch.no_grad():
+        cameras = (_poses(1, 5), _poses(1, 6), torch.zeros(1, 4, 4))  # two poses and "no camera"
+        a, b, none = (lora.predict_noise(x_t, t, cond, c) for c in cameras)
+    assert (a - b).abs().max() > 1e-4 * a.abs().max()
+    assert (a - none).abs().max() > 1e-4 * a.abs().max()
+
+
+def test_safetensors_round_trip_restores_outputs(pixel_prior, trained, tmp_path):
+    lora = trained["vsd"].lora
+    path = tmp_path / "lora" / "lora.safetensors"
+    lora.save_safetensors(path, {"prompt": "a red cube", "step": "4"})
+    assert path.is_file() and not list(path.parent.glob(".*tmp*"))  # atomic: no temp file left
+    state, meta = load_lora_safetensors(path)
+    assert meta["prompt"] == "a red cube" and meta["rank"] == "4" and meta["prediction_type"] == "epsilon"
+
+    fresh = CameraLoRAUNet(pixel_prior.unet, pixel_prior.alphas_cumprod, pixel_prior.prediction_type)
+    fresh.load_trainable_state_dict(state)
+    torch.manual_seed(5)
+    x_t, t, c2w = torch.randn(1, 3, 16, 16), torch.tensor([300]), _poses(1, 7)
+    cond = trained["cond"][:1]
+    with torch.no_grad():
+        assert torch.equal(fresh.predict_noise(x_t, t, cond, c2w), lora.predict_noise(x_t, t, cond, c2w))
+
+    wider = CameraLoRAUNet(pixel_prior.unet, pixel_prior.alphas_cumprod, rank=8)
+    with pytest.raises(CheckpointError, match="lora_rank"):
+        wider.load_trainable_state_dict(state)
+    with pytest.raises(CheckpointError, match="does not exist"):
+        load_lora_safetensors(tmp_path / "missing.safetensors")
+
+
+def test_lora_weights_stay_float32_on_a_bfloat16_base(pixel_prior):
+    base = copy.deepcopy(pixel_prior.unet).to(torch.bfloat16)
+    lora = CameraLoRAUNet(base, pixel_prior.alphas_cumprod)
+    assert {p.dtype for p in lora.trainable_parameters()} == {torch.float32}
+    frozen = {p.dtype for p in lora.parameters() if not p.requires_grad}
+    assert frozen == {torch.bfloat16} and base.dtype == torch.bfloat16
+    cond, _ = _text(pixel_prior, 1)
+    with torch.no_grad():
+        eps = lora.predict_noise(torch.randn(1, 3, 16, 16), torch.tensor([400]), cond, _poses(1))
+    assert eps.dtype == torch.float32 and torch.isfinite(eps).all()
+
+
+def test_v_prediction_lora_base(pixel_prior, tmp_path):
+    folder = build_tiny_model(tmp_path / "v", kind="pixel", seed=1, prediction_type="v_prediction")
+    vsd = VSDGuidance(lora_pretrained_model_name_or_path=str(folder), camera_drop_prob=0.5)
+    lora = vsd.setup(pixel_prior)
+    assert lora.prediction_type == "v_prediction"
+    _perturb_lora(lora, seed=8)
+    batch = 2
+    cond, _ = _text(pixel_prior, batch)
+    x_t, t, c2w = torch.randn(batch, 3, 16, 16), torch.tensor([50, 800]), _poses(batch, 8)
+    alpha = lora.alphas_cumprod[t].view(-1, 1, 1, 1)
+    with torch.no_grad():
+        v = lora.unet(x_t, t, encoder_hidden_states=cond, class_labels=c2w.reshape(batch, 16)).sample
+        eps = lora.predict_noise(x_t, t, cond, c2w)
+    assert torch.allclose(eps, alpha.sqrt() * v + (1 - alpha).sqrt() * x_t, rtol=1e-5, atol=1e-6)
+
+    # diffusion_loss: t, then ε, then the camera-drop draw from the global RNG; the target is v.
+    x0 = torch.rand(batch, 3, 16, 16) * 2 - 1
+    torch.manual_seed(9)
+    with torch.no_grad():
+        loss = vsd.lora_loss(x0, cond, c2w)
+    torch.manual_seed(9)
+    t = torch.randint(0, 1000, (batch,))
+    noise = torch.randn(x0.shape)
+    drop = torch.rand(batch) < 0.5
+    labels = torch.where(drop[:, None], 0.0, c2w.reshape(batch, 16))
+    alpha = lora.alphas_cumprod[t].view(-1, 1, 1, 1)
+    x_t = alpha.sqrt() * x0 + (1 - alpha).sqrt() * noise
+    target = alpha.sqrt() * noise - (1 - alpha).sqrt() * x0
+    with torch.no_grad():
+        pred = lora.unet(x_t, t, encoder_hidden_states=cond, class_labels=labels).sample
+    assert torch.allclose(loss, ((pred - target) ** 2).mean(), rtol=1e-5)
+
+
+def test_lora_base_of_another_space_is_rejected(latent_prior, tiny_pixel_model):
+    vsd = VSDGuidance(lora_pretrained_model_name_or_path=str(tiny_pixel_model))
+    with pytest.raises(ConfigError, match=r"pixel space, 3 channels.*latent space, 4 channels"):
+        vsd.setup(latent_prior)
+
+
+def test_annealing_schedule(pixel_prior):
+    vsd = VSDGuidance()  # 0.98 → 0.5 at 20% of the run (ProlificDreamer: after 5k of 25k steps)
+    assert vsd.max_step_at(None, None) == 0.98
+    assert vsd.max_step_at(0, 25_000) == 0.98
+    assert vsd.max_step_at(4_999, 25_000) == 0.98
+    assert vsd.max_step_at(5_000, 25_000) == 0.5
+    assert vsd.max_step_at(24_999, 25_000) == 0.5
+    assert VSDGuidance(anneal_max_step_percent=None).max_step_at(20_000, 25_000) == 0.98
+    torch.manual_seed(10)
+    late = vsd.sample_timesteps(pixel_prior, 4000, vsd.max_step_at(6_000, 25_000))
+    early = vsd.sample_timesteps(pixel_prior, 4000, vsd.max_step_at(10, 25_000))
+    assert late.min() == 20 and late.max() == 500 and early.max() == 980
+
+
+def test_vsd_needs_setup(pixel_prior):
+    cond, uncond = _text(pixel_prior, 1)
+    with pytest.raises(RuntimeError, match="setup"):
+        VSDGuidance()(pixel_prior, torch.rand(1, 16, 16, 3), cond, uncond, _poses(1))
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"guidance_scale": -1.0}, "guidance_scale=-1.0"),
+        ({"lora_guidance_scale": -0.5}, "lora_guidance_scale=-0.5"),
+        ({"min_step_percent": 0.0}, "min_step_percent=0.0"),
+        ({"max_step_percent": 1.5}, "max_step_percent=1.5"),
+        ({"anneal_max_step_percent": 0.01}, "anneal_max_step_percent=0.01"),
+        ({"anneal_at_fraction": 1.5}, "anneal_at_fraction=1.5"),
+        ({"weighting": "sjc"}, "weighting='sjc'"),
+        ({"grad_clip": 0.0}, "grad_clip=0.0"),
+        ({"lora_rank": 0}, "lora_rank=0"),
+        ({"lora_lr": 0.0}, "lora_lr=0.0"),
+        ({"lora_steps": 0}, "lora_steps=0"),
+        ({"camera_drop_prob": math.nan}, "camera_drop_prob=nan"),
+    ],
+)
+def test_invalid_arguments(kwargs, match):
+    with pytest.raises(ConfigError, match=match):
+        VSDGuidance(**kwargs)
