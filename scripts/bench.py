@@ -26,9 +26,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 # name: (prior kind, render size, geometry, extra overrides, needs CUDA)
 CONFIGS = {
     "sds-grid-32": ("pixel32", 32, "grid", [], False),
+    "vsd-grid-32": ("pixel32", 32, "grid", ["system=vsd"], False),
     "sds-grid-64": ("pixel64", 64, "grid", [], False),
+    "vsd-grid-64": ("pixel64", 64, "grid", ["system=vsd"], False),
     "sds-nerf-64": ("pixel64", 64, "nerf", [], False),
     "sds-sd21-64": ("sd21", 64, "grid", ["prior.dtype=float16"], True),
+    "vsd-sd21-64": ("sd21", 64, "grid", ["prior.dtype=float16", "system=vsd"], True),
 }
 WORDS = "a red blue green cube sphere hamburger front side back overhead view".split()
 
