@@ -28,3 +28,17 @@ def tiny_pixel_model(tmp_path_factory):
     from text23d.prior.tiny import build_tiny_model
 
     return build_tiny_model(tmp_path_factory.mktemp("tiny_pixel"), kind="pixel")
+
+
+@pytest.fixture(scope="module")
+def latent_prior(tiny_latent_model):
+    from text23d.prior.loading import load_prior
+
+    return load_prior(str(tiny_latent_model))
+
+
+@pytest.fixture(scope="module")
+def pixel_prior(tiny_pixel_model):
+    from text23d.prior.loading import load_prior
+
+    return load_prior(str(tiny_pixel_model))

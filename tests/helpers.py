@@ -13,3 +13,9 @@ class Crash(L.Callback):
     def on_train_batch_start(self, trainer, *args):
         if trainer.global_step == self.at_step:
             raise RuntimeError("simulated crash")
+
+
+def text_pair(prior, batch):
+    """(cond, uncond) text embeddings (batch, L, D) of "a red cube" and ""."""
+    emb = prior.encode_text(["a red cube", ""])  # (2, L, D)
+    return emb[:1].expand(batch, -1, -1), emb[1:].expand(batch, -1, -1)

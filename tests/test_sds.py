@@ -3,24 +3,12 @@
 import pytest
 import torch
 
+from helpers import text_pair as _text
+
 from text23d.errors import ConfigError
 from text23d.guidance.sds import SDSGuidance
-from text23d.prior.loading import load_prior
 
 
-@pytest.fixture(scope="module")
-def latent_prior(tiny_latent_model):
-    return load_prior(str(tiny_latent_model))
-
-
-@pytest.fixture(scope="module")
-def pixel_prior(tiny_pixel_model):
-    return load_prior(str(tiny_pixel_model))
-
-
-def _text(prior, batch):
-    emb = prior.encode_text(["a red cube", ""])  # (2, L, D)
-    return emb[:1].expand(batch, -1, -1), emb[1:].expand(batch, -1, -1)
 
 
 def _reference_grad(prior, x, cond, uncond, t, noise, scale, weighting="sds"):

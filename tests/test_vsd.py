@@ -7,11 +7,12 @@ import math
 import pytest
 import torch
 
+from helpers import text_pair as _text
+
 from text23d.errors import CheckpointError, ConfigError
 from text23d.guidance.lora import CameraLoRAUNet, load_lora_safetensors
 from text23d.guidance.sds import SDSGuidance
 from text23d.guidance.vsd import VSDGuidance
-from text23d.prior.loading import load_prior
 from text23d.prior.tiny import build_tiny_model
 
 
@@ -25,19 +26,6 @@ def _one_thread():
     torch.set_num_threads(threads)
 
 
-@pytest.fixture(scope="module")
-def latent_prior(tiny_latent_model):
-    return load_prior(str(tiny_latent_model))
-
-
-@pytest.fixture(scope="module")
-def pixel_prior(tiny_pixel_model):
-    return load_prior(str(tiny_pixel_model))
-
-
-def _text(prior, batch):
-    emb = prior.encode_text(["a red cube", ""])  # (2, L, D)
-    return emb[:1].expand(batch, -1, -1), emb[1:].expand(batch, -1, -1)
 
 
 def _poses(batch, seed=0):

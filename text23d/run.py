@@ -20,6 +20,7 @@ from text23d.checkpoint import (AtomicCheckpointIO, PeriodicCheckpoint, find_che
                                 load_checkpoint_file, run_dir_of)
 from text23d.errors import ConfigError
 from text23d.export.artifacts import export_artifacts
+from text23d.fileio import write_text_atomic
 
 log = logging.getLogger("text23d")
 # Our loader yields step indices only (cameras are drawn in the step, RNG restored from the
@@ -39,7 +40,7 @@ def run(cfg: DictConfig, overrides: list[str] | None = None, callbacks: list | N
         raise ConfigError("output_dir is not set: pass output_dir=/some/folder (the CLI sets it for you)")
     out_dir = Path(cfg.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    _write_atomic(out_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+    write_text_atomic(out_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
 
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     if cfg.deterministic:
@@ -68,7 +69,7 @@ def run(cfg: DictConfig, overrides: list[str] | None = None, callbacks: list | N
                       "logs": str(out_dir / "logs")},
         "output_dir": str(out_dir),
     }
-    _write_atomic(out_dir / "summary.json", json.dumps(summary, indent=2))
+    write_text_atomic(out_dir / "summary.json", json.dumps(summary, indent=2))
     log.info("done: %s", out_dir)
     return summary
 
@@ -139,11 +140,5 @@ def export_only(cfg: DictConfig) -> dict:
     system, step, ckpt = load_system(cfg.export.ckpt, overrides)
     exported = export_artifacts(system, system.out_dir, step)
     summary = {"checkpoint": str(ckpt), "steps": step, **exported}
-    _write_atomic(system.out_dir / f"export-{step:06d}.json", json.dumps(summary, indent=2))
+    write_text_atomic(system.out_dir / f"export-{step:06d}.json", json.dumps(summary, indent=2))
     return summary
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)

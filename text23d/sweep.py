@@ -29,7 +29,8 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 
-from text23d.export.video import atomic_output, make_grid, save_image
+from text23d.export.video import make_grid, save_image
+from text23d.fileio import atomic_output
 
 log = logging.getLogger(__name__)
 

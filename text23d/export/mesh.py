@@ -6,11 +6,9 @@ The field is sampled on a regular grid, marching cubes (PyMCubes) finds the surf
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import os
-import uuid
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Sequence
 
 import mcubes
 import numpy as np
@@ -18,6 +16,7 @@ import torch
 import trimesh
 
 from text23d.errors import ConfigError, Text23dError
+from text23d.fileio import atomic_output
 
 MESH_FORMATS = ("obj", "glb")
 
@@ -137,23 +136,6 @@ def extract_mesh(
     return trimesh.Trimesh(
         vertices=verts, faces=faces.astype(np.int64), vertex_colors=rgba, process=False
     )
-
-
-@contextlib.contextmanager
-def atomic_output(path: str) -> Iterator[str]:
-    """Yield a temp path beside `path` (same suffix); rename it onto `path` on success.
-
-    Readers (a viewer, a sweep summary) never see half a file, and a crash leaves the old file.
-    Deliberate copy of text23d/export/video.py:atomic_output, to keep the two modules independent.
-    """
-    stem, ext = os.path.splitext(os.path.abspath(path))
-    tmp = f"{stem}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}{ext}"
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def save_mesh(

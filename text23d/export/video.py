@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
-import contextlib
 import math
 import os
-import uuid
-from typing import Iterator, Sequence
+from typing import Sequence
 
 import imageio.v2 as iio
 import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
+
+from text23d.fileio import atomic_output
 
 
 def to_uint8(x: np.ndarray | torch.Tensor) -> np.ndarray:
@@ -27,24 +27,6 @@ def to_uint8(x: np.ndarray | torch.Tensor) -> np.ndarray:
         # +0.5 rounds instead of truncating, so 1.0 -> 255 and 0.5 -> 128.
         return (np.clip(np.nan_to_num(x), 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
     return np.clip(x, 0, 255).astype(np.uint8)
-
-
-@contextlib.contextmanager
-def atomic_output(path: str) -> Iterator[str]:
-    """Yield a temp path beside `path` (same suffix); rename it onto `path` on success.
-
-    The suffix is kept because writers (ffmpeg, PIL) choose the container from it. Readers never
-    see half a file, and a crash leaves any older file in place.
-    Deliberate copy of text23d/export/mesh.py:atomic_output, to keep the two modules independent.
-    """
-    stem, ext = os.path.splitext(os.path.abspath(path))
-    tmp = f"{stem}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}{ext}"
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def _pad_to_even(frames: np.ndarray) -> np.ndarray:
