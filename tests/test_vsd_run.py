@@ -30,7 +30,9 @@ def test_two_particles_are_exported_separately_and_differ(tiny_pixel_model, tmp_
     g0, g1 = state["particles.0.geometry.density_grid"], state["particles.1.geometry.density_grid"]
     assert not torch.equal(g0, g1), "particles must differ"
     lora = load_file(a["lora"])
-    assert lora and any("lora" in k for k in lora)
+    # the LoRA trained: peft's B matrices and the camera MLP's last layer start at zero
+    moved = [k for k, v in lora.items() if ("lora_B" in k or "class_embedding" in k) and v.abs().sum() > 0]
+    assert any("lora_B" in k for k in moved) and any("class_embedding" in k for k in moved), sorted(lora)[:5]
     assert any(k.startswith("lora_params.") for k in state)  # the LoRA rides in the checkpoint
     # the frozen prior on disk is untouched
     after = load_file(str(Path(tiny_pixel_model) / "unet" / "diffusion_pytorch_model.safetensors"))
@@ -63,3 +65,22 @@ def test_export_from_a_vsd_checkpoint(tiny_pixel_model, tmp_path):
 def test_vsd_needs_vsd_guidance(tiny_pixel_model, tmp_path):
     with pytest.raises(ConfigError, match="guidance=vsd"):
         build_system(vsd_cfg(tiny_pixel_model, tmp_path, "guidance=sds"))
+
+
+def test_vsd_on_the_builtin_prior_from_the_command_line_and_resume(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    text23d = str(Path(sys.executable).parent / "text23d")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    args = [text23d, "prompt=a red cube", "system=vsd", "prior=builtin", "debug=smoke",
+            f"output_root={tmp_path}", "trainer.enable_progress_bar=false"]
+    p = subprocess.run(args, env=env, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
+    [run_dir] = list((tmp_path / "prolificdreamer").iterdir())
+    p = subprocess.run([text23d, f"resume={run_dir}", "trainer.max_steps=6"], env=env, capture_output=True,
+                       text=True, timeout=600)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["steps"] == 6 and summary["resumed_from"] and Path(summary["artifacts"]["lora"]).is_file()
