@@ -48,6 +48,7 @@ def load_prior(
     resolution: int | None = None,
 ) -> Prior:
     """Load a frozen diffusion prior from a diffusers folder or a Hub id. See module docstring."""
+    _quiet_progress_bars()
     name = str(pretrained_model_name_or_path)
     torch_dtype = _check_dtype(dtype, device)
     want_latent = _check_latent_flag(latent)
@@ -100,6 +101,15 @@ def load_prior(
 
 # ---------------------------------------------------------------------------------------------
 # Arguments
+
+
+def _quiet_progress_bars() -> None:
+    """Per-shard "Loading weights" bars from the libraries would interleave with our own progress."""
+    import diffusers.utils.logging
+    import transformers.utils.logging
+
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.disable_progress_bar()
 
 
 def _check_dtype(dtype, device) -> torch.dtype:
