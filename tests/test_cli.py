@@ -28,7 +28,7 @@ def smoke(model, root):
 def test_help_lists_groups_and_examples(tmp_path):
     code, out = cli("--help", cwd=tmp_path)
     assert code == 0
-    for word in ("system: dreamfusion, sds", "geometry: grid, nerf", "prior:", "resume=", "export="):
+    for word in ("system: dreamfusion, prolificdreamer, sds, vsd", "geometry: grid, nerf", "prior:", "resume=", "export="):
         assert word in out
 
 
