@@ -48,3 +48,15 @@ def test_gradients_reach_the_grid_through_density_albedo_and_normals():
     d, a = g(pts)
     (d.sum() + a.sum() + g.normals(pts).sum()).backward()
     assert g.density_grid.grad.abs().sum() > 0 and g.albedo_grid.grad.abs().sum() > 0
+
+
+def test_grid_density_and_albedo_alone_equal_the_joint_lookup():
+    torch.manual_seed(0)
+    g = DenseGrid(resolution=12, radius=1.5)
+    with torch.no_grad():
+        g.density_grid.normal_()
+        g.albedo_grid.normal_()
+    pts = torch.rand(300, 3) * 3 - 1.5
+    dens, alb = g(pts)
+    assert torch.allclose(g.density(pts), dens, atol=1e-6)
+    assert torch.allclose(g.albedo(pts), alb, atol=1e-6)

@@ -1,10 +1,13 @@
 """The volume renderer against closed-form answers for an analytic density."""
 import math
 
+import pytest
 import torch
 
-from text23d.cameras.sampler import Cameras, look_at
+from text23d.cameras.sampler import Cameras, RandomCameraSampler, look_at
+from text23d.errors import ConfigError
 from text23d.geometry.base import Geometry
+from text23d.geometry.grid import DenseGrid
 from text23d.renderers.background import Background
 from text23d.renderers.volume import VolumeRenderer
 from text23d.systems import losses
@@ -85,3 +88,37 @@ def test_loss_weight_schedules():
     assert losses.scheduled(ramp, 0) == 10.0
     assert losses.scheduled(ramp, 2500) == 505.0
     assert losses.scheduled(ramp, 9999) == 1000.0
+
+
+class CountingGrid(DenseGrid):
+    """A real dense grid that records how many points colour was looked up for."""
+
+    def albedo(self, points):
+        self.albedo_points = points.shape[0]
+        return super().albedo(points)
+
+
+def test_skipping_invisible_samples_changes_neither_image_nor_gradient():
+    torch.manual_seed(0)
+    grid = CountingGrid(resolution=16)
+    with torch.no_grad():
+        grid.density_grid.normal_(0, 2)
+        grid.albedo_grid.normal_()
+    cams = RandomCameraSampler().sample(2)
+    outs, grads = [], []
+    for skip in (0.0, 1e-4):
+        grid.zero_grad()
+        out = VolumeRenderer(num_samples=48, skip_weight=skip)(
+            grid, Background("solid", (1.0, 1.0, 1.0)), cams, 12, 12, shading="lambertian")
+        (out["comp_rgb"] * torch.linspace(0, 1, 3)).sum().backward()
+        outs.append((out, grid.albedo_points))
+        grads.append(torch.cat([grid.density_grid.grad, grid.albedo_grid.grad.flatten()]))
+    (full, n_full), (skipped, n_skipped) = outs
+    assert n_skipped < 0.6 * n_full  # most samples are empty space or hidden
+    assert (full["comp_rgb"] - skipped["comp_rgb"]).abs().max() < 5e-3
+    assert torch.nn.functional.cosine_similarity(grads[0], grads[1], dim=0) > 0.999
+
+
+def test_bad_skip_weight_is_refused():
+    with pytest.raises(ConfigError, match="skip_weight=1.5"):
+        VolumeRenderer(skip_weight=1.5)

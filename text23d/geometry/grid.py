@@ -1,10 +1,10 @@
 """Dense voxel grid with trilinear interpolation: the fast geometry on CPU.
 
 Written as 8-corner gathers instead of `grid_sample`: density (1 channel) and albedo (3 channels)
-are separate, and normals come from the analytic gradient of the same trilinear weights, so a
-normal costs one density lookup instead of four (finite differences). Measured on one CPU thread,
-32²×64 samples with normals, forward + backward: 0.13 s, vs 0.27 s for a 4-channel `grid_sample`
-with finite-difference normals.
+are separate, the trilinear weights are an outer product of per-axis (1 − f, f) pairs, and normals
+come from the analytic gradient of the same weights, so a normal costs one density lookup instead
+of four (finite differences). Measured on one CPU thread, 32²×64 samples with normals, forward +
+backward: 0.13 s, vs 0.27 s for a 4-channel `grid_sample` with finite-difference normals.
 """
 from __future__ import annotations
 
@@ -14,7 +14,14 @@ from torch import Tensor, nn
 from text23d.errors import ConfigError
 from text23d.geometry.base import Geometry
 
-_CORNERS = torch.tensor([[dx, dy, dz] for dx in (0, 1) for dy in (0, 1) for dz in (0, 1)])  # (8, 3)
+def _outer(wx: Tensor, wy: Tensor, wz: Tensor) -> Tensor:
+    """(N, 2) per-axis factors → (N, 8) corner weights, corner order (dx, dy, dz) with dz fastest."""
+    return (wx[:, :, None, None] * wy[:, None, :, None] * wz[:, None, None, :]).reshape(-1, 8)
+
+
+def _gather(grid: Tensor, idx: Tensor) -> Tensor:
+    """grid[idx] for idx (N, 8). index_select's backward is 2-7× faster on CPU than indexing's."""
+    return grid.index_select(0, idx.reshape(-1)).view(*idx.shape, *grid.shape[1:])
 
 
 class DenseGrid(Geometry):
@@ -26,42 +33,52 @@ class DenseGrid(Geometry):
         # Zeros: the blob supplies the initial shape, albedo starts grey (sigmoid(0) = 0.5).
         self.density_grid = nn.Parameter(torch.zeros(resolution**3))
         self.albedo_grid = nn.Parameter(torch.zeros(resolution**3, 3))
+        R = resolution
+        offsets = [(dz * R + dy) * R + dx for dx in (0, 1) for dy in (0, 1) for dz in (0, 1)]
+        self.register_buffer("_offsets", torch.tensor(offsets), persistent=False)
 
-    def _corners(self, x: Tensor) -> tuple[Tensor, Tensor]:
+    def _corners(self, points: Tensor) -> tuple[Tensor, Tensor]:
         """Flat indices (N, 8) of the 8 surrounding grid points and fractions (N, 3) in the cell,
-        for x (N, 3) in [-1, 1] (outside is clamped to the border)."""
+        for world points (N, 3) (outside the grid is clamped to the border)."""
         R = self.resolution
-        p = (x.clamp(-1, 1) + 1) * (0.5 * (R - 1))
+        p = ((points / self.radius).clamp(-1, 1) + 1) * (0.5 * (R - 1))
         p0 = p.detach().floor().clamp(0, R - 2)
-        i = p0.long()[:, None, :] + _CORNERS.to(x.device)  # (N, 8, 3)
-        return (i[..., 2] * R + i[..., 1]) * R + i[..., 0], p - p0
+        i = p0.long()
+        base = (i[:, 2] * R + i[:, 1]) * R + i[:, 0]
+        return base[:, None] + self._offsets, p - p0
 
     @staticmethod
-    def _weights(frac: Tensor) -> Tensor:
-        c = _CORNERS.to(frac)  # (8, 3)
-        return torch.where(c.bool(), frac[:, None], 1 - frac[:, None]).prod(-1)  # (N, 8)
+    def _pairs(frac: Tensor) -> list[Tensor]:
+        return [torch.stack([1 - frac[:, a], frac[:, a]], -1) for a in range(3)]  # 3 × (N, 2)
 
     def raw(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        idx, frac = self._corners(x)
-        w = self._weights(frac)
-        density = (w * self.density_grid[idx]).sum(1)
-        albedo = (w[..., None] * self.albedo_grid[idx]).sum(1)
+        idx, frac = self._corners(x * self.radius)
+        w = _outer(*self._pairs(frac))
+        density = (w * _gather(self.density_grid, idx)).sum(1)
+        albedo = (w[..., None] * _gather(self.albedo_grid, idx)).sum(1)
         return density, albedo
+
+    # One field at a time: the renderer needs density at every sample but albedo only at the few
+    # that are visible, and each lookup gathers only its own grid.
+    def density(self, points: Tensor) -> Tensor:
+        idx, frac = self._corners(points)
+        raw = (_outer(*self._pairs(frac)) * _gather(self.density_grid, idx)).sum(1)
+        return nn.functional.softplus(raw + self.blob(points))
+
+    def albedo(self, points: Tensor) -> Tensor:
+        idx, frac = self._corners(points)
+        return torch.sigmoid((_outer(*self._pairs(frac))[..., None] * _gather(self.albedo_grid, idx)).sum(1))
 
     def normals(self, points: Tensor) -> Tensor:
         """Outward normals from the analytic gradient of the trilinear density plus the blob."""
-        x = points / self.radius
-        idx, f = self._corners(x)
-        c = _CORNERS.to(f)
-        factors = torch.where(c.bool(), f[:, None], 1 - f[:, None])  # (N, 8, 3)
-        sign = c * 2 - 1  # d/df of f is +1, of (1 - f) is -1
-        grads = []
-        for axis in range(3):
-            others = [a for a in range(3) if a != axis]
-            grads.append((sign[:, axis] * factors[..., others[0]] * factors[..., others[1]]))
-        dw = torch.stack(grads, -1)  # (N, 8, 3): ∂w/∂f
-        values = self.density_grid[idx]  # (N, 8)
-        grad = (dw * values[..., None]).sum(1) * (0.5 * (self.resolution - 1) / self.radius)
+        idx, frac = self._corners(points)
+        wx, wy, wz = self._pairs(frac)
+        v = _gather(self.density_grid, idx).view(-1, 2, 2, 2)  # corner values, axes (x, y, z)
+        # ∂/∂f_a of the trilinear sum: the difference along axis a, weighted by the other two axes.
+        gx = ((v[:, 1] - v[:, 0]) * wy[:, :, None] * wz[:, None, :]).sum((1, 2))
+        gy = ((v[:, :, 1] - v[:, :, 0]) * wx[:, :, None] * wz[:, None, :]).sum((1, 2))
+        gz = ((v[..., 1] - v[..., 0]) * wx[:, :, None] * wy[:, None, :]).sum((1, 2))
+        grad = torch.stack([gx, gy, gz], -1) * (0.5 * (self.resolution - 1) / self.radius)
         norm = points.norm(dim=-1, keepdim=True).clamp_min(1e-9)
         grad = grad - self.blob_density / self.blob_radius * points / norm
         return -nn.functional.normalize(grad, dim=-1, eps=1e-12)

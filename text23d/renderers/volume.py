@@ -36,12 +36,16 @@ def shade(albedo: Tensor, normals: Tensor | None, points: Tensor, light: Tensor,
 
 class VolumeRenderer(nn.Module):
     def __init__(self, radius: float = 1.0, num_samples: int = 64, ambient: float = 0.1,
-                 diffuse: float = 0.9):
+                 diffuse: float = 0.9, skip_weight: float = 1e-4):
         super().__init__()
         if num_samples < 1:
             raise ConfigError(f"renderer.num_samples={num_samples}: must be ≥ 1 (typical: 64)")
+        if not 0 <= skip_weight < 1:
+            raise ConfigError(f"renderer.skip_weight={skip_weight}: must be in [0, 1) "
+                              "(1e-4 skips empty and hidden samples; 0 shades every sample)")
         self.radius, self.num_samples = radius, num_samples
         self.ambient, self.diffuse = ambient, diffuse
+        self.skip_weight = skip_weight
 
     def forward(self, geometry, background, cams: Cameras, height: int, width: int,
                 shading: str = "albedo", need_normals: bool = False, jitter: bool = False) -> dict:
@@ -61,16 +65,26 @@ class VolumeRenderer(nn.Module):
         delta = span / n
         pts = o[:, None] + d[:, None] * t[..., None]  # (R, n, 3)
         flat = pts.reshape(-1, 3)
-        density, albedo = geometry(flat)
-        normals = geometry.normals(flat) if need_normals else None
-        light = cams.light_position[:, None].expand(B, height * width, 3).reshape(-1, 1, 3)
-        light = light.expand(-1, n, 3).reshape(-1, 3)
-        color = shade(albedo, normals, flat, light, shading, self.ambient, self.diffuse)
-
+        # Density everywhere (it decides the weights); colour and normals only where a sample's
+        # weight reaches skip_weight. Empty space and samples behind the surface are skipped:
+        # their colour could change the image by < skip_weight each.
+        density = geometry.density(flat)
         alpha = 1.0 - torch.exp(-density.view(-1, n) * delta)  # (R, n)
         alpha = alpha * hit[:, None]
         trans = torch.cumprod(torch.cat([torch.ones_like(alpha[:, :1]), 1.0 - alpha + 1e-10], 1), 1)[:, :-1]
         weights = alpha * trans  # (R, n)
+        keep = (weights.detach() >= self.skip_weight).reshape(-1) if self.skip_weight > 0 else None
+        sub = flat if keep is None else flat[keep]
+        normals_sub = geometry.normals(sub) if need_normals else None
+        light = cams.light_position[:, None].expand(B, height * width * n, 3).reshape(-1, 3)
+        light = light if keep is None else light[keep]
+        color_sub = shade(geometry.albedo(sub), normals_sub, sub, light, shading, self.ambient, self.diffuse)
+        color, normals = color_sub, normals_sub
+        if keep is not None:
+            color = flat.new_zeros(flat.shape[0], 3).index_put((keep,), color_sub)
+            if need_normals:
+                normals = flat.new_zeros(flat.shape[0], 3).index_put((keep,), normals_sub)
+
         opacity = weights.sum(1, keepdim=True)  # (R, 1)
         rgb_fg = (weights[..., None] * color.view(-1, n, 3)).sum(1)
         rgb = rgb_fg + (1.0 - opacity) * background(d)
