@@ -4,6 +4,9 @@
     python scripts/eval_prior.py --cfg 7.5 30 --out outputs/eval   # two CFG values
     python scripts/eval_prior.py --system vsd --prompts "a red cube" "a blue torus"
     python scripts/eval_prior.py --update-card                     # also write the model card's table
+    python scripts/eval_prior.py --system vsd -- system.num_particles=4   # + particle diversity
+    python scripts/eval_prior.py --seeds 0 1 2 3                   # SDS's diversity across seeds
+    python scripts/eval_prior.py --combine a/eval.json b/eval.json # one table from separate runs
 
 Every asset is a real `text23d` run (`prior=builtin`, the system's own settings) in its own
 folder under --out; JSON results and one PNG strip per asset (generated views over the ground
@@ -18,41 +21,56 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
-def evaluate(pairs, system: str, cfg_scale: float, out: Path, overrides: list[str], held: set) -> list[dict]:
+def evaluate(pairs, system: str, cfg_scale: float, out: Path, overrides: list[str], held: set,
+             seeds: list[int]) -> tuple[list[dict], list[dict]]:
+    """One row per asset (every particle of every seed); one diversity row per prompt when a
+    prompt has several assets."""
     import lightning as L
 
     from text23d.config import compose, slugify
     from text23d.export.video import save_image
-    from text23d.prior.evaluate import caption_of, score_asset, strip
+    from text23d.prior.evaluate import caption_of, diversity, score_asset, strip
     from text23d.run import build_system, load_system, run
 
-    results = []
+    results, spread = [], []
     for shape, colour in pairs:
         prompt = caption_of(shape, colour)
-        run_dir = out / f"{system}-cfg{cfg_scale:g}" / slugify(prompt)
-        cfg = compose([f"prompt={prompt}", f"system={system}", "prior=builtin", f"output_dir={run_dir}",
-                       f"guidance.guidance_scale={cfg_scale}", "trainer.enable_progress_bar=false",
-                       "export.video_views=8", "export.resolution=64", "validation.every_n_steps=0",
-                       *overrides])
-        L.seed_everything(cfg.seed, verbose=False)
-        blob = score_asset(build_system(cfg), shape, colour)  # the starting point: a density blob
-        start = time.time()
-        run(cfg)
-        wall = time.time() - start
-        system_obj, _, _ = load_system(run_dir)
-        r = score_asset(system_obj, shape, colour)
-        save_image(strip(r.pop("views"), shape, colour, r["best_scale"], system_obj.camera_sampler),
-                   run_dir / "eval_strip.png")
-        r.update({"prompt": prompt, "held_out": (shape, colour) in held, "wall_time_s": round(wall, 1),
-                  "blob_iou": blob["iou"], "blob_predicted_shape": blob["predicted_shape"],
-                  "strip": str(run_dir / "eval_strip.png"), "run_dir": str(run_dir)})
-        results.append(r)
-        print(json.dumps({k: r[k] for k in ("prompt", "iou", "predicted_shape", "predicted_colour",
-                                            "blob_iou", "wall_time_s")}), flush=True)
-    return results
+        group = []
+        for seed in seeds:
+            run_dir = out / f"{system}-cfg{cfg_scale:g}" / slugify(prompt)
+            run_dir = run_dir / f"seed{seed}" if len(seeds) > 1 else run_dir
+            cfg = compose([f"prompt={prompt}", f"system={system}", "prior=builtin", f"output_dir={run_dir}",
+                           f"guidance.guidance_scale={cfg_scale}", f"seed={seed}", "trainer.enable_progress_bar=false",
+                           "export.video_views=8", "export.resolution=64", "validation.every_n_steps=0",
+                           *overrides])
+            L.seed_everything(cfg.seed, verbose=False)
+            blob = score_asset(build_system(cfg), shape, colour)  # the starting point: a density blob
+            start = time.time()
+            run(cfg)
+            wall = time.time() - start
+            system_obj, _, _ = load_system(run_dir)
+            for i in range(len(system_obj.particles)):
+                r = score_asset(system_obj, shape, colour, particle=i)
+                views = r.pop("views")
+                group.append(views)
+                name = "eval_strip.png" if len(system_obj.particles) == 1 else f"eval_strip_p{i}.png"
+                save_image(strip(views, shape, colour, r["best_scale"], system_obj.camera_sampler), run_dir / name)
+                r.update({"prompt": prompt, "held_out": (shape, colour) in held, "seed": seed, "particle": i,
+                          "wall_time_s": round(wall, 1), "blob_iou": blob["iou"],
+                          "blob_predicted_shape": blob["predicted_shape"], "strip": str(run_dir / name),
+                          "run_dir": str(run_dir)})
+                results.append(r)
+                print(json.dumps({k: r[k] for k in ("prompt", "seed", "particle", "iou", "predicted_shape",
+                                                    "predicted_colour", "blob_iou", "wall_time_s")}), flush=True)
+        if len(group) > 1:
+            spread.append({"prompt": prompt, **diversity(group)})
+            print(json.dumps(spread[-1]), flush=True)
+    return results, spread
 
 
 def card_table(report: dict) -> str:
@@ -65,6 +83,13 @@ def card_table(report: dict) -> str:
                 lines.append(f"| {run_['system']} | {run_['cfg']:g} | {split} ({s['n']}) | {s['shape_accuracy']:.0%} | "
                              f"{s['colour_accuracy']:.0%} | {s['mean_iou']:.3f} | {s['mean_blob_iou']:.3f} | "
                              f"{s['mean_wall_time_s']:.0f} |")
+    diverse = [r for r in report["runs"] if r.get("diversity")]
+    if diverse:
+        lines += ["", "| system | CFG | assets per prompt | pairwise silhouette IoU | pairwise RGB L1 |", "|---|---|---|---|---|"]
+        for run_ in diverse:
+            d = run_["diversity"]
+            lines.append(f"| {run_['system']} | {run_['cfg']:g} | {d[0]['n']} ({run_['assets']}) | "
+                         f"{np.mean([x['pairwise_iou'] for x in d]):.3f} | {np.mean([x['pairwise_rgb_l1'] for x in d]):.3f} |")
     return "\n".join(lines)
 
 
@@ -84,7 +109,10 @@ def main() -> None:
     ap.add_argument("--system", default="dreamfusion")
     ap.add_argument("--cfg", type=float, nargs="+", default=[7.5], help="guidance scales to compare")
     ap.add_argument("--prompts", nargs="*", help='e.g. "a red cube" (default: held-out + seen pairs)')
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0], help="several seeds: diversity across runs")
+    ap.add_argument("--label", help="name of this configuration in tables (default: the system)")
     ap.add_argument("--out", default="outputs/eval")
+    ap.add_argument("--combine", nargs="+", metavar="EVAL_JSON", help="only merge earlier eval.json files into one table")
     ap.add_argument("--update-card", action="store_true", help="write the table into the model card")
     ap.add_argument("overrides", nargs="*", help="Hydra overrides after --, e.g. -- trainer.max_steps=300")
     args = ap.parse_args()
@@ -94,18 +122,24 @@ def main() -> None:
     from text23d.config import builtin_prior_path
     from text23d.prior.evaluate import default_pairs, summarise
 
-    held_out, seen = default_pairs()
-    pairs = held_out + seen
-    if args.prompts:
-        pairs = [(p.split()[-1], p.split()[-2]) for p in args.prompts]
     out = Path(args.out)
     report = {"command": ["scripts/eval_prior.py", *sys.argv[1:]], "machine": f"{platform.machine()}, "
               f"{os.cpu_count()} CPUs", "runs": []}
-    for scale in args.cfg:
-        results = evaluate(pairs, args.system, scale, out, args.overrides, set(held_out))
-        report["runs"].append({"system": args.system, "cfg": scale, "results": results, "summary": {
-            "seen": summarise([r for r in results if not r["held_out"]]),
-            "held_out": summarise([r for r in results if r["held_out"]])}})
+    if args.combine:
+        for path in args.combine:
+            report["runs"] += json.loads(Path(path).read_text())["runs"]
+    else:
+        held_out, seen = default_pairs()
+        pairs = held_out + seen
+        if args.prompts:
+            pairs = [(p.split()[-1], p.split()[-2]) for p in args.prompts]
+        for scale in args.cfg:
+            results, spread = evaluate(pairs, args.system, scale, out, args.overrides, set(held_out), args.seeds)
+            report["runs"].append({"system": args.label or args.system, "cfg": scale, "overrides": args.overrides,
+                                   "seeds": args.seeds, "assets": "particles" if len(args.seeds) == 1 else "seeds",
+                                   "results": results, "diversity": spread, "summary": {
+                                       "seen": summarise([r for r in results if not r["held_out"]]),
+                                       "held_out": summarise([r for r in results if r["held_out"]])}})
     out.mkdir(parents=True, exist_ok=True)
     (out / "eval.json").write_text(json.dumps(report, indent=2))
     print(card_table(report))

@@ -11,6 +11,7 @@ The initial density blob already *is* a sphere, so every prompt is also scored b
 from __future__ import annotations
 
 import functools
+import itertools
 
 import numpy as np
 import torch
@@ -48,10 +49,10 @@ def _iou(a: np.ndarray, b: np.ndarray) -> float:
 
 
 @torch.no_grad()
-def score_asset(system, shape: str, colour: str, n_views: int = 8, resolution: int = 64) -> dict:
-    """Metrics of one asset (a trained or initial system) against "a {colour} {shape}"."""
+def score_asset(system, shape: str, colour: str, n_views: int = 8, resolution: int = 64, particle: int = 0) -> dict:
+    """Metrics of one asset (a particle of a trained or initial system) against "a {colour} {shape}"."""
     sampler = system.camera_sampler
-    views = system.render_views(sampler.orbit(n_views), resolution, shading="albedo")
+    views = system.render_views(sampler.orbit(n_views), resolution, shading="albedo", particle=particle)
     opacity = np.stack([v["opacity"][..., 0] for v in views])  # (V, H, W)
     mask = opacity > 0.5
     truth = _truth_masks((n_views, sampler.eval_elevation, sampler.eval_distance, sampler.eval_fovy), resolution)
@@ -78,6 +79,21 @@ def strip(system_views: list[dict], shape: str, colour: str, scale: float, sampl
     top = np.concatenate([v["rgb"] for v in system_views], axis=1)
     bottom = np.concatenate(list(truth.numpy()), axis=1)
     return (np.concatenate([top, bottom], axis=0).clip(0, 1) * 255).round().astype(np.uint8)
+
+
+def diversity(view_sets: list[list[dict]]) -> dict:
+    """How different several assets of one prompt are (the particles of a VSD run, or runs with
+    different seeds), from their evaluation views: the mean pairwise silhouette IoU (1: the same
+    shape; lower is more diverse) and the mean pairwise absolute RGB difference (0: identical)."""
+    if len(view_sets) < 2:
+        raise ValueError(f"diversity needs at least 2 assets, got {len(view_sets)}")
+    masks = [np.stack([v["opacity"][..., 0] > 0.5 for v in views]) for views in view_sets]
+    rgbs = [np.stack([v["rgb"] for v in views]) for views in view_sets]
+    pairs = list(itertools.combinations(range(len(view_sets)), 2))
+    ious = [np.mean([_iou(masks[a][v], masks[b][v]) for v in range(len(masks[a]))]) for a, b in pairs]
+    l1s = [float(np.abs(rgbs[a] - rgbs[b]).mean()) for a, b in pairs]
+    return {"n": len(view_sets), "pairwise_iou": round(float(np.mean(ious)), 4),
+            "min_pairwise_iou": round(float(np.min(ious)), 4), "pairwise_rgb_l1": round(float(np.mean(l1s)), 4)}
 
 
 def summarise(results: list[dict]) -> dict:
