@@ -84,3 +84,16 @@ def test_vsd_on_the_builtin_prior_from_the_command_line_and_resume(tmp_path):
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["steps"] == 6 and summary["resumed_from"] and Path(summary["artifacts"]["lora"]).is_file()
+
+
+def test_vsd_terms_script_measures_each_term_of_a_trained_run(tiny_pixel_model, tmp_path):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("vsd_terms", Path(__file__).parents[1] / "scripts/vsd_terms.py")
+    vsd_terms = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(vsd_terms)
+    run(vsd_cfg(tiny_pixel_model, tmp_path / "run", "trainer.max_steps=4", "guidance.lora_lr=1e-2"))
+    r = vsd_terms.terms(tmp_path / "run", n_views=4)
+    assert r["step"] == 4 and set(r["terms"]) == {"t=0.2T", "t=0.5T", "t=0.8T"}
+    for row in r["terms"].values():  # an untrained LoRA predicts exactly ε_c: its term starts at 0
+        assert row["lora_term"] > 0 and row["guidance_term"] > 0 and row["sds_noise_term"] > 0
