@@ -126,8 +126,10 @@ def main() -> None:
     report = {"command": ["scripts/eval_prior.py", *sys.argv[1:]], "machine": f"{platform.machine()}, "
               f"{os.cpu_count()} CPUs", "runs": []}
     if args.combine:
-        for path in args.combine:
-            report["runs"] += json.loads(Path(path).read_text())["runs"]
+        sources = [json.loads(Path(path).read_text()) for path in args.combine]
+        report["command"] = [" ; python ".join(" ".join(src["command"]) for src in sources)]  # what made them
+        for src in sources:
+            report["runs"] += src["runs"]
     else:
         held_out, seen = default_pairs()
         pairs = held_out + seen
