@@ -134,7 +134,13 @@ def main() -> None:
         held_out, seen = default_pairs()
         pairs = held_out + seen
         if args.prompts:
-            pairs = [(p.split()[-1], p.split()[-2]) for p in args.prompts]
+            from text23d.prior.data import COLOURS, SHAPES
+
+            pairs = [(w[-1], w[-2]) if len(w) >= 2 else ('', '') for w in (p.split() for p in args.prompts)]
+            bad = [p for p, (shape, colour) in zip(args.prompts, pairs) if shape not in SHAPES or colour not in COLOURS]
+            if bad:
+                sys.exit(f"--prompts {bad}: each must be 'a {{colour}} {{shape}}' with a colour from {list(COLOURS)} "
+                         f"and a shape from {list(SHAPES)}, e.g. --prompts \"a blue cube\"")
         for scale in args.cfg:
             results, spread = evaluate(pairs, args.system, scale, out, args.overrides, set(held_out), args.seeds)
             report["runs"].append({"system": args.label or args.system, "cfg": scale, "overrides": args.overrides,
