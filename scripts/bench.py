@@ -40,7 +40,7 @@ def build_prior(kind: str, folder: Path) -> Path:
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from text23d.prior.tiny import save_model_folder
+    from text23d.testing import save_model_folder
 
     def text_encoder(hidden, layers, heads, inter, length):
         return lambda tok: CLIPTextModel(CLIPTextConfig(

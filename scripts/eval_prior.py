@@ -34,7 +34,7 @@ def evaluate(pairs, system: str, cfg_scale: float, out: Path, overrides: list[st
 
     from text23d.config import compose, slugify
     from text23d.export.video import save_image
-    from text23d.prior.evaluate import caption_of, diversity, score_asset, strip
+    from text23d.builtin.evaluate import caption_of, diversity, score_asset, strip
     from text23d.run import build_system, load_system, run
 
     results, spread = [], []
@@ -120,7 +120,7 @@ def main() -> None:
     import platform
 
     from text23d.config import builtin_prior_path
-    from text23d.prior.evaluate import default_pairs, summarise
+    from text23d.builtin.evaluate import default_pairs, summarise
 
     out = Path(args.out)
     report = {"command": ["scripts/eval_prior.py", *sys.argv[1:]], "machine": f"{platform.machine()}, "
@@ -134,7 +134,7 @@ def main() -> None:
         held_out, seen = default_pairs()
         pairs = held_out + seen
         if args.prompts:
-            from text23d.prior.data import COLOURS, SHAPES
+            from text23d.builtin.data import COLOURS, SHAPES
 
             pairs = [(w[-1], w[-2]) if len(w) >= 2 else ('', '') for w in (p.split() for p in args.prompts)]
             bad = [p for p, (shape, colour) in zip(args.prompts, pairs) if shape not in SHAPES or colour not in COLOURS]

@@ -1,9 +1,9 @@
 """Train the built-in prior from scratch: a 32×32 pixel-space text-to-image diffusion model.
 
-    HF_HUB_OFFLINE=1 .venv/bin/python scripts/train_prior.py --out text23d/prior/builtin --minutes 32
+    HF_HUB_OFFLINE=1 .venv/bin/python scripts/train_prior.py --out text23d/builtin/model --minutes 32
     .venv/bin/python scripts/train_prior.py --quick       # ~1-minute smoke run into a temp folder
 
-Renders the procedural data set (text23d.prior.data: "a red cone, side view" and friends), trains a
+Renders the procedural data set (text23d.builtin.data: "a red cone, side view" and friends), trains a
 CLIP-style text encoder and a conditional UNet jointly with the DDPM ε-loss (Ho et al. 2020, eq. 14),
 and writes a diffusers folder that text23d.prior.loading.load_prior reads like any other model:
 model_index.json, unet/, text_encoder/, tokenizer/, scheduler/, plus a model card (README.md) and a
@@ -38,12 +38,12 @@ from diffusers import DDIMScheduler, DDPMScheduler, UNet2DConditionModel
 from PIL import Image, ImageDraw, ImageFont
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-from text23d.prior.data import COLOURS, HELD_OUT, SHAPES, caption, make_dataset, vocabulary
-from text23d.prior.tokenizer import write_word_tokenizer
+from text23d.builtin.data import COLOURS, HELD_OUT, SHAPES, caption, make_dataset, vocabulary
+from text23d.builtin.tokenizer import write_word_tokenizer
 
 RESOLUTION = 32
 MAX_TOKENS = 16  # "a yellow cylinder, overhead view" is 8 tokens with start/end
-DEFAULT_OUT = Path(__file__).resolve().parents[1] / "text23d" / "prior" / "builtin"
+DEFAULT_OUT = Path(__file__).resolve().parents[1] / "text23d" / "builtin" / "model"
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -17,7 +17,7 @@ def _embedding_cache(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_latent_model(tmp_path_factory):
     """A tiny random SD-shaped model folder (16×16 images, VAE factor 2)."""
-    from text23d.prior.tiny import build_tiny_model
+    from text23d.testing import build_tiny_model
 
     return build_tiny_model(tmp_path_factory.mktemp("tiny_latent"), kind="latent")
 
@@ -25,7 +25,7 @@ def tiny_latent_model(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_pixel_model(tmp_path_factory):
     """A tiny random pixel-space model folder (3×16×16, no VAE)."""
-    from text23d.prior.tiny import build_tiny_model
+    from text23d.testing import build_tiny_model
 
     return build_tiny_model(tmp_path_factory.mktemp("tiny_pixel"), kind="pixel")
 

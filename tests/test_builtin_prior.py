@@ -7,8 +7,8 @@ from transformers import CLIPTokenizer
 
 from helpers import compose_cfg
 from text23d.config import builtin_prior_path
-from text23d.prior.data import vocabulary
-from text23d.prior.evaluate import score_asset
+from text23d.builtin.data import vocabulary
+from text23d.builtin.evaluate import score_asset
 from text23d.prior.loading import load_prior
 from text23d.run import load_system, run
 

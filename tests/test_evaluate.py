@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from helpers import compose_cfg
-from text23d.prior.evaluate import diversity, score_asset
+from text23d.builtin.evaluate import diversity, score_asset
 from text23d.run import build_system
 
 

@@ -10,8 +10,8 @@ from transformers import CLIPTokenizer
 
 from text23d.errors import ConfigError, PriorLoadError
 from text23d.prior.loading import load_prior
-from text23d.prior.tiny import TINY_WORDS, build_tiny_model
-from text23d.prior.tokenizer import write_word_tokenizer
+from text23d.testing import TINY_WORDS, build_tiny_model
+from text23d.builtin.tokenizer import write_word_tokenizer
 
 
 # --- tokenizer -------------------------------------------------------------------------------

@@ -11,7 +11,7 @@ import torch
 
 from text23d.cameras.sampler import Cameras, look_at, spherical_to_position
 from text23d.errors import ConfigError
-from text23d.prior.data import (
+from text23d.builtin.data import (
     COLOURS,
     HELD_OUT,
     SHAPES,

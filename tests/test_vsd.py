@@ -13,7 +13,7 @@ from text23d.errors import CheckpointError, ConfigError
 from text23d.guidance.lora import CameraLoRAUNet, load_lora_safetensors
 from text23d.guidance.sds import SDSGuidance
 from text23d.guidance.vsd import VSDGuidance
-from text23d.prior.tiny import build_tiny_model
+from text23d.testing import build_tiny_model
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -31,7 +31,7 @@ def builtin_prior_path() -> str:
     """The built-in prior's folder inside the installed package (see scripts/train_prior.py)."""
     from pathlib import Path
 
-    return str(Path(__file__).resolve().parent / "prior" / "builtin")
+    return str(Path(__file__).resolve().parent / "builtin" / "model")
 
 
 if not OmegaConf.has_resolver("slug"):

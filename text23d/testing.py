@@ -16,7 +16,7 @@ from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from text23d.errors import ConfigError
-from text23d.prior.tokenizer import write_word_tokenizer
+from text23d.builtin.tokenizer import write_word_tokenizer
 
 # Small vocabulary covering the prompts used in tests and view-dependent suffixes.
 TINY_WORDS = "a red blue green cube sphere hamburger pineapple front side back overhead view".split()

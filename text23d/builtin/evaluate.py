@@ -16,7 +16,7 @@ import itertools
 import numpy as np
 import torch
 
-from text23d.prior.data import COLOURS, SCALE_RANGE, SHAPES, held_out_pairs, render_primitives, render_silhouettes
+from text23d.builtin.data import COLOURS, SCALE_RANGE, SHAPES, held_out_pairs, render_primitives, render_silhouettes
 
 EVAL_SCALES = np.linspace(SCALE_RANGE[0] * 0.85, SCALE_RANGE[1] * 1.15, 7)
 
