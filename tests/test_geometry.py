@@ -58,5 +58,7 @@ def test_grid_density_and_albedo_alone_equal_the_joint_lookup():
         g.albedo_grid.normal_()
     pts = torch.rand(300, 3) * 3 - 1.5
     dens, alb = g(pts)
-    assert torch.allclose(g.density(pts), dens, atol=1e-6)
-    assert torch.allclose(g.albedo(pts), alb, atol=1e-6)
+    # The joint lookup divides points by the radius and multiplies back, which can move a point by
+    # one ulp: a few ulps of the density (up to ~15) are allowed, a wrong lookup is off by O(1).
+    assert torch.allclose(g.density(pts), dens, rtol=1e-6, atol=1e-5)
+    assert torch.allclose(g.albedo(pts), alb, rtol=1e-6, atol=1e-6)

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from helpers import text_pair as _text
+from helpers import NET_RTOL, assert_grad_close, cfg_amplification, text_pair as _text
 
 from text23d.errors import CheckpointError, ConfigError
 from text23d.guidance.lora import CameraLoRAUNet, load_lora_safetensors
@@ -47,7 +47,8 @@ def _perturb_lora(lora, seed=0):
 
 
 def _reference_grad(prior, lora, x, cond, uncond, c2w, t, noise, scale, lora_scale, weighting):
-    """w(t)·(ε̂_pretrained − ε̂_φ) from eq. 9, with one U-Net call per branch."""
+    """w(t)·(ε̂_pretrained − ε̂_φ) from eq. 9, with one U-Net call per branch, and the float32
+    tolerance for comparing it with the guidance's batched calls (tests/helpers.py)."""
     alpha = prior.scheduler.alphas_cumprod[t].view(-1, 1, 1, 1)
     x_t = alpha.sqrt() * x + (1 - alpha).sqrt() * noise
     labels = c2w.reshape(-1, 16)
@@ -56,10 +57,12 @@ def _reference_grad(prior, lora, x, cond, uncond, c2w, t, noise, scale, lora_sca
         eps_u = prior.unet(x_t, t, encoder_hidden_states=uncond).sample
         lora_c = lora.unet(x_t, t, encoder_hidden_states=cond, class_labels=labels).sample
         lora_u = lora.unet(x_t, t, encoder_hidden_states=cond, class_labels=torch.zeros_like(labels)).sample
-    weight = 1 - alpha if weighting == "sds" else 1.0
+    weight = 1 - alpha if weighting == "sds" else torch.ones_like(alpha)
     eps_pretrained = eps_u + scale * (eps_c - eps_u)
     eps_lora = lora_u + lora_scale * (lora_c - lora_u)  # camera-free branch as "unconditional"
-    return weight * (eps_pretrained - eps_lora)
+    eps_scale = max(v.abs().max().item() for v in (eps_c, eps_u, lora_c, lora_u))
+    tol = NET_RTOL * (cfg_amplification(scale) + cfg_amplification(lora_scale)) * weight.max().item() * eps_scale
+    return weight * (eps_pretrained - eps_lora), tol
 
 
 def test_vsd_gradient_parity_pixel_through_rgb(pixel_prior):
@@ -74,10 +77,12 @@ def test_vsd_gradient_parity_pixel_through_rgb(pixel_prior):
     out["loss_vsd"].backward()
 
     x = rgb.detach().permute(0, 3, 1, 2) * 2 - 1
-    grad = _reference_grad(pixel_prior, vsd.lora, x, cond, uncond, c2w, t, noise, 7.5, 1.0, "sds")
-    expected = (2 * grad / batch).permute(0, 2, 3, 1)  # d x / d rgb = 2; loss / B
-    assert torch.allclose(rgb.grad, expected, rtol=1e-4, atol=1e-5 * expected.abs().max())
-    assert torch.allclose(out["grad_norm"], grad.norm(), rtol=1e-4)
+    grad, tol = _reference_grad(pixel_prior, vsd.lora, x, cond, uncond, c2w, t, noise, 7.5, 1.0, "sds")
+    # A wrong formula must fail: threestudio's CFG of s + 1.
+    wrong, _ = _reference_grad(pixel_prior, vsd.lora, x, cond, uncond, c2w, t, noise, 8.5, 1.0, "sds")
+    to_rgb = lambda g: (2 * g / batch).permute(0, 2, 3, 1)  # noqa: E731  d x / d rgb = 2; loss / B
+    assert_grad_close(rgb.grad, to_rgb(grad), 2 * tol / batch, wrong=to_rgb(wrong))
+    assert abs(out["grad_norm"].item() - grad.norm().item()) <= grad.numel() ** 0.5 * tol
     assert torch.equal(out["t"], t)
     assert torch.equal(out["x0"], x) and not out["x0"].requires_grad  # what the LoRA trains on
 
@@ -92,11 +97,15 @@ def test_vsd_gradient_parity_latent_with_lora_cfg(latent_prior):
     c2w, t, noise = _poses(batch, 1), torch.tensor([100, 700]), torch.randn(batch, 4, 8, 8)
     out = vsd.from_model_space(latent_prior, x, cond, uncond, c2w, t=t, noise=noise)
     out["loss_vsd"].backward()
-    grad = _reference_grad(
+    grad, tol = _reference_grad(
         latent_prior, vsd.lora, x.detach(), cond, uncond, c2w, t, noise, 7.5, 2.0, "uniform"
     )
-    assert torch.allclose(x.grad * batch, grad, rtol=1e-4, atol=1e-5 * grad.abs().max())
-    assert torch.allclose(out["loss_vsd"], 0.5 * (grad**2).sum() / batch, rtol=1e-4)
+    # A wrong formula must fail: the LoRA's camera CFG ignored (scale 1 instead of 2).
+    wrong, _ = _reference_grad(latent_prior, vsd.lora, x.detach(), cond, uncond, c2w, t, noise, 7.5, 1.0, "uniform")
+    assert_grad_close(x.grad * batch, grad, tol, wrong=wrong)
+    # |Δ ½Σg²| ≤ Σ|g|·tol + ½N·tol² for elementwise errors ≤ tol.
+    loss_tol = (grad.abs().sum().item() * tol + 0.5 * grad.numel() * tol**2) / batch
+    assert abs(out["loss_vsd"].item() - 0.5 * (grad**2).sum().item() / batch) <= loss_tol
 
 
 def test_fresh_lora_is_the_base_model_so_vsd_is_sds_with_eps_hat_for_eps(latent_prior):

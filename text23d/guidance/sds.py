@@ -36,20 +36,16 @@ class SDSGuidance:
             raise ConfigError(f"weighting={weighting!r} is not supported: use one of {WEIGHTINGS}.")
         if grad_clip is not None and not grad_clip > 0:
             raise ConfigError(f"grad_clip={grad_clip} must be > 0, or null to disable clipping.")
+        if not 0 < min_step_percent < max_step_percent <= 1:
+            raise ConfigError(
+                f"timestep range min_step_percent={min_step_percent}, max_step_percent={max_step_percent} "
+                "is invalid: need 0 < min < max <= 1. Fix: e.g. min_step_percent=0.02, max_step_percent=0.98"
+            )
         self.guidance_scale = float(guidance_scale)
         self.weighting = weighting
         self.grad_clip = grad_clip
         self.min_step_percent = float(min_step_percent)
-        self.set_max_step_percent(max_step_percent)
-
-    def set_max_step_percent(self, value: float) -> None:
-        """Change the upper end of the t range (annealed downwards in refinement stages)."""
-        if not 0 < self.min_step_percent < value <= 1:
-            raise ConfigError(
-                f"timestep range min_step_percent={self.min_step_percent}, max_step_percent={value} "
-                "is invalid: need 0 < min < max <= 1. Fix: e.g. min_step_percent=0.02, max_step_percent=0.98"
-            )
-        self.max_step_percent = float(value)
+        self.max_step_percent = float(max_step_percent)
 
     def sample_timesteps(self, prior, batch_size: int) -> torch.Tensor:
         """t ~ U{min·T, ..., max·T}, one per view, from torch's global CPU RNG (device independent)."""
