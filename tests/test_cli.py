@@ -10,14 +10,10 @@ import pytest
 TEXT23D = str(Path(sys.executable).parent / "text23d")
 
 
-def cli(*args, cwd, timeout=300):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+def cli(*args, cwd, timeout=300, env=None):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", **(env or {})}
     p = subprocess.run([TEXT23D, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
     return p.returncode, p.stdout + p.stderr
-
-
-def hydra_quote(text: str) -> str:
-    return "'" + text.replace("\\", "\\\\").replace("'", "\\'") + "'"
 
 
 def smoke(model, root):
@@ -51,6 +47,14 @@ def test_shell_completion_completes_groups(tmp_path):
     (["prompt=x", "trainer.max_stepz=5"], "max_stepz"),
     (["prompt=x", "resume=/nonexistent/run"], "does not exist"),
     (["export=/nonexistent/run"], "does not exist"),
+    (["prompt=x", "seed=-1"], "seed=-1: must be an integer in [0, 4294967295]"),
+    (["prompt=x", "seed=4294967296"], "seed=4294967296"),
+    (["prompt=x", "seed=1.5"], "seed=1.5"),
+    (["prompt=x", "guidance=vsd"], "guidance VSDGuidance needs each view's camera pose"),
+    (["prompt=x", "system=vsd", "guidance=sds"], "Fix: guidance=vsd"),
+    (["prompt_file=/nonexistent/prompts.txt"], "prompt_file='/nonexistent/prompts.txt' does not exist"),
+    (["prompt=x", "prompt_file=/dev/null"], "prompt= and prompt_file= were both given"),
+    (["-m", "prompt=a cat,'a dog"], "a quote (') is not closed"),
 ])
 def test_bad_input_gives_a_clear_error_not_a_traceback(tmp_path, args, expect):
     code, out = cli(*args, f"output_root={tmp_path}", cwd=tmp_path)
@@ -75,7 +79,7 @@ def test_unreadable_model_folder_and_corrupt_checkpoint(tmp_path):
 def test_hostile_prompt_runs_into_a_safe_folder_inside_outputs(tiny_latent_model, tmp_path):
     prompt = ("a 🍔 hamburger/../../etc " * 100)[:2000]
     root = tmp_path / "outputs"
-    code, out = cli(f"prompt={hydra_quote(prompt)}", *smoke(tiny_latent_model, root), "trainer.max_steps=1",
+    code, out = cli(f"prompt={prompt}", *smoke(tiny_latent_model, root), "trainer.max_steps=1",
                     "export.video_views=2", cwd=tmp_path)
     assert code == 0, out
     [run_dir] = list((root / "dreamfusion").iterdir())
@@ -113,3 +117,79 @@ def test_parallel_and_cluster_launchers(tiny_latent_model, tmp_path, launcher):
     sweep, summary = _sweep(tiny_latent_model, tmp_path, *launcher)
     jobs = summary
     assert len(jobs) == 2 and all(j["status"] == "ok" for j in jobs)
+
+
+# --- prompts are literal text ------------------------------------------------------------------
+
+def _encoded_texts(cache: Path) -> set:
+    """What the text encoder was given: the texts behind the run's cached embeddings."""
+    from safetensors import safe_open
+
+    texts = set()
+    for path in cache.rglob("*.safetensors"):
+        with safe_open(str(path), "pt") as f:
+            texts.add(f.metadata()["text"])
+    return texts
+
+
+@pytest.mark.parametrize("prompt", [
+    "a DSLR photo of a pineapple, highly detailed",
+    "🍍 a pineapple",
+    "a back\\slash, a \\${escaped} one and a trailing \\",
+    "${oc.env:HOME}",
+    "it's \"quoted\" [a,b]=null",
+])
+def test_a_prompt_is_taken_literally_as_typed(tiny_latent_model, tmp_path, prompt):
+    cache = tmp_path / "cache"
+    code, out = cli(f"prompt={prompt}", *smoke(tiny_latent_model, tmp_path / "o"), "trainer.max_steps=1",
+                    "export.video_views=2", cwd=tmp_path, env={"TEXT23D_CACHE": str(cache)})
+    assert code == 0, out
+    [run_dir] = list((tmp_path / "o" / "dreamfusion").iterdir())
+    assert json.loads((run_dir / "summary.json").read_text())["prompt"] == prompt
+    # What the model was conditioned on is the prompt itself (plus the view suffix), nothing read
+    # from the environment or the config; config.yaml loads back to the same text.
+    assert f"{prompt}, front view" in _encoded_texts(cache)
+    from omegaconf import OmegaConf
+    assert OmegaConf.load(run_dir / "config.yaml").prompt == prompt
+    if prompt == "${oc.env:HOME}":  # and it stays literal when the run is resumed
+        code, out = cli(f"resume={run_dir}", "trainer.max_steps=2", cwd=tmp_path, env={"TEXT23D_CACHE": str(cache)})
+        assert code == 0, out
+        summary = json.loads((run_dir / "summary.json").read_text())
+        assert summary["steps"] == 2 and summary["prompt"] == prompt
+        assert os.environ["HOME"] not in {t.split(",")[0] for t in _encoded_texts(cache)}
+
+
+def _sweep_prompts(root: Path) -> list[str]:
+    [sweep] = list((root / "multirun").iterdir())
+    return sorted(json.loads(p.read_text())["prompt"] for p in sweep.glob("*/summary.json"))
+
+
+def test_multirun_sweeps_prompts_separated_by_commas(tiny_latent_model, tmp_path):
+    code, out = cli("-m", "prompt=a red cube,'a blue, cone'", *smoke(tiny_latent_model, tmp_path), "trainer.max_steps=1",
+                    "export.video_views=2", cwd=tmp_path, timeout=600)
+    assert code == 0, out
+    assert "sweeping 2 prompts" in out
+    assert _sweep_prompts(tmp_path) == ["a blue, cone", "a red cube"]
+
+
+def test_multirun_over_a_prompt_file_one_job_per_line(tiny_latent_model, tmp_path):
+    lines = ["🍍 a pineapple, highly detailed", "${oc.env:HOME}"]
+    (tmp_path / "prompts.txt").write_text("\n".join(lines[:1] + ["", "   "] + lines[1:]) + "\n", encoding="utf-8")
+    code, out = cli("-m", "prompt_file=prompts.txt", *smoke(tiny_latent_model, tmp_path), "trainer.max_steps=1",
+                    "export.video_views=2", cwd=tmp_path, timeout=600)
+    assert code == 0, out
+    assert _sweep_prompts(tmp_path) == sorted(lines)
+    code, out = cli("prompt_file=prompts.txt", cwd=tmp_path)  # a single run takes one prompt
+    assert code == 2 and "holds 2 prompts" in out and "-m" in out and "Traceback" not in out
+
+
+def test_builtin_prior_names_the_words_it_does_not_know(tmp_path):
+    cache = tmp_path / "cache"
+    code, out = cli("prompt=An orange PINEAPPLE 🍍", "prior=builtin", "debug=smoke", f"output_root={tmp_path}",
+                    "trainer.max_steps=1", "export.video_views=2", "trainer.enable_progress_bar=false",
+                    cwd=tmp_path, env={"TEXT23D_CACHE": str(cache)})
+    assert code == 0, out
+    [line] = [x for x in out.splitlines() if "does not know" in x]  # one warning, at the start
+    assert "'pineapple', '🍍'" in line and "It knows: a back black blue cone cube" in line
+    assert "'an'" not in line and "'orange'" not in line
+    assert "a orange PINEAPPLE 🍍, front view" in _encoded_texts(cache)  # "an" read as "a"

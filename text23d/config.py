@@ -10,7 +10,8 @@ from omegaconf import DictConfig, OmegaConf
 from text23d.errors import ConfigError
 
 SLUG_MAX = 48
-EXPORT_FORMATS = ("obj", "glb")
+SEED_MAX = 2**32 - 1
+MESH_FORMATS = ("obj", "glb")  # the one list: export/mesh.py writes these
 
 
 def slugify(text: str, max_len: int = SLUG_MAX) -> str:
@@ -25,6 +26,25 @@ def slugify(text: str, max_len: int = SLUG_MAX) -> str:
     if lossy and text.strip():
         slug = f"{slug}-{hashlib.sha1(text.encode()).hexdigest()[:8]}"
     return slug
+
+
+def escape_interpolations(text: str) -> str:
+    """`text` as an OmegaConf string that resolves to exactly `text`: every `${` is escaped as
+    `\\${`, and the backslashes right before it doubled (OmegaConf reads `\\\\` there as one)."""
+    return re.sub(r"(\\*)\$\{", lambda m: m.group(1) * 2 + "\\${", text)
+
+
+def resolved_yaml(cfg: DictConfig) -> str:
+    """The config with every interpolation resolved, as YAML that loads back to the same values:
+    what remains of `${` after resolving is literal text (a prompt), so it is escaped again."""
+    def escape(node):
+        if isinstance(node, dict):
+            return {k: escape(v) for k, v in node.items()}
+        if isinstance(node, list):
+            return [escape(v) for v in node]
+        return escape_interpolations(node) if isinstance(node, str) else node
+
+    return OmegaConf.to_yaml(OmegaConf.create(escape(OmegaConf.to_container(cfg, resolve=True))))
 
 
 def builtin_prior_path() -> str:
@@ -50,17 +70,25 @@ def validate(cfg: DictConfig) -> None:
     prompt = cfg.get("prompt")
     if prompt is None or not str(prompt).strip():
         raise ConfigError('prompt is empty: pass one, e.g. text23d prompt="a hamburger"')
+    for key in ("prompt", "negative_prompt"):
+        if not isinstance(cfg.get(key), str):
+            raise ConfigError(f"{key}={cfg.get(key)!r} is a {type(cfg.get(key)).__name__}, not text. Fix: quote "
+                              f'it in YAML ({key}: "..."); on the command line every {key}= is text')
+    seed = cfg.get("seed")
+    if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed <= SEED_MAX:
+        raise ConfigError(f"seed={seed!r}: must be an integer in [0, {SEED_MAX}] (numpy's and torch's "
+                          "common range). Fix: e.g. seed=0")
+    if not isinstance(cfg.get("deterministic"), bool):
+        raise ConfigError(f"deterministic={cfg.get('deterministic')!r}: must be true or false")
     _positive_int(cfg.trainer.max_steps, "trainer.max_steps")
     _positive_int(cfg.checkpoint.every_n_train_steps, "checkpoint.every_n_train_steps", 0)
     _positive_int(cfg.validation.every_n_steps, "validation.every_n_steps", 0)
     _positive_int(cfg.system.batch_size, "system.batch_size")
     for key in ("width", "height"):
         _positive_int(cfg.system[key], f"system.{key}", 4)
-    formats = cfg.export.format
-    formats = [formats] if isinstance(formats, str) else list(formats)
-    bad = [f for f in formats if f not in EXPORT_FORMATS]
+    bad = [f for f in export_formats(cfg) if f not in MESH_FORMATS]
     if bad:
-        raise ConfigError(f"export.format={bad}: allowed are {list(EXPORT_FORMATS)}, "
+        raise ConfigError(f"export.format={bad}: allowed are {list(MESH_FORMATS)}, "
                           "e.g. export.format=glb or export.format=[obj,glb]")
     thr = cfg.export.isosurface_threshold
     if not (thr == "auto" or (isinstance(thr, (int, float)) and thr > 0)):

@@ -23,9 +23,6 @@ from text23d.export.artifacts import export_artifacts
 from text23d.fileio import write_text_atomic
 
 log = logging.getLogger("text23d")
-# Our loader yields step indices only (cameras are drawn in the step, RNG restored from the
-# checkpoint), so resuming mid-"epoch" is exact; Lightning cannot know that and would warn.
-warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before")
 
 
 def run(cfg: DictConfig, overrides: list[str] | None = None, callbacks: list | None = None) -> dict:
@@ -40,7 +37,7 @@ def run(cfg: DictConfig, overrides: list[str] | None = None, callbacks: list | N
         raise ConfigError("output_dir is not set: pass output_dir=/some/folder (the CLI sets it for you)")
     out_dir = Path(cfg.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(out_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+    write_text_atomic(out_dir / "config.yaml", tconfig.resolved_yaml(cfg))
 
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     if cfg.deterministic:
@@ -49,7 +46,11 @@ def run(cfg: DictConfig, overrides: list[str] | None = None, callbacks: list | N
     system = build_system(cfg)
     trainer = build_trainer(cfg, out_dir, callbacks or [], start_step)
     start = time.time()
-    trainer.fit(system, ckpt_path=str(ckpt_path) if ckpt_path else None)
+    with warnings.catch_warnings():
+        # Our loader yields step indices only (cameras are drawn in the step, RNG restored from the
+        # checkpoint), so resuming mid-"epoch" is exact; Lightning cannot know that and would warn.
+        warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before")
+        trainer.fit(system, ckpt_path=str(ckpt_path) if ckpt_path else None)
     if trainer.interrupted:
         log.warning("training interrupted at step %d; resume with: text23d resume=%s",
                     trainer.global_step, out_dir)
@@ -106,14 +107,36 @@ def resume_config(cfg: DictConfig, overrides: list[str]) -> tuple[DictConfig, Pa
     data = load_checkpoint_file(ckpt)
     saved = OmegaConf.create(data["text23d"]["config"])
     OmegaConf.set_struct(saved, True)
-    extra = [o.lstrip("+") for o in overrides
-             if not o.startswith(("resume=", "hydra.", "output_dir=", "export."))]
-    try:
-        merged = OmegaConf.merge(saved, OmegaConf.from_dotlist(extra))
-    except OmegaConfBaseException as e:
-        raise ConfigError(f"cannot apply {extra} to the resumed run: {str(e).splitlines()[0]}") from None
-    with_dir = OmegaConf.merge(merged, {"resume": str(ckpt), "output_dir": str(run_dir_of(ckpt))})
+    extra = [o for o in overrides if not o.lstrip("+").startswith(("resume=", "hydra.", "output_dir=", "export."))]
+    for key, value, add in _parse_overrides(extra):
+        if isinstance(OmegaConf.select(saved, key), DictConfig) and not isinstance(value, dict):
+            raise ConfigError(f"{key}={value} chooses another config option, which a resumed run cannot "
+                              f"take: its parts are already built. Fix: start a new run with {key}={value}, "
+                              "or resume without it")
+        try:
+            OmegaConf.update(saved, key, value, merge=True, force_add=add)
+        except OmegaConfBaseException as e:
+            raise ConfigError(f"cannot apply {key}={value} to the resumed run: {str(e).splitlines()[0]}") from None
+    with_dir = OmegaConf.merge(saved, {"resume": str(ckpt), "output_dir": str(run_dir_of(ckpt))})
     return with_dir, ckpt, int(data.get("global_step", 0))
+
+
+def _parse_overrides(overrides: list[str]) -> list[tuple[str, object, bool]]:
+    """(key, value, force_add) per override, read with Hydra's own grammar: quoted text (a prompt)
+    stays text, numbers become numbers, as they would in a new run."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
+    try:
+        parsed = OverridesParser.create().parse_overrides(overrides)
+    except HydraException as e:
+        raise ConfigError(f"cannot read the overrides {overrides}: {str(e).splitlines()[0]}") from None
+    out = []
+    for o in parsed:
+        if o.is_delete() or o.is_sweep_override():
+            raise ConfigError(f"{o.input_line}: a resumed run takes plain key=value overrides only")
+        out.append((o.key_or_group, o.value(), o.is_add() or o.is_force_add()))
+    return out
 
 
 def load_system(ckpt_or_dir, export_overrides: dict | None = None):
