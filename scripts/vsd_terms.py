@@ -20,7 +20,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 def terms(run_dir: Path, n_views: int = 16) -> dict:
     import torch
-    from hydra.utils import instantiate
     from omegaconf import OmegaConf
 
     from text23d.guidance.lora import load_lora_safetensors
@@ -30,10 +29,9 @@ def terms(run_dir: Path, n_views: int = 16) -> dict:
     system, step, _ = load_system(run_dir)
     cfg = system.cfg
     prior = load_prior(**OmegaConf.to_container(cfg.prior, resolve=True))
-    guidance = instantiate(cfg.guidance)
+    guidance, processor = system.guidance, system.prompt_processor
     lora = guidance.setup(prior)
     lora.load_trainable_state_dict(load_lora_safetensors(run_dir / "ckpts" / "lora.safetensors")[0])
-    processor = instantiate(cfg.system.prompt_processor)
     processor.prepare(prior)
     torch.manual_seed(0)
     cams = system.camera_sampler.sample(n_views)

@@ -17,6 +17,8 @@ class Geometry(nn.Module):
     this class adds the density blob, activations and normals.
     """
 
+    provides = frozenset({"density", "albedo", "normals"})  # see systems/parts.py
+
     def __init__(self, radius: float = 1.0, blob_density: float = 10.0, blob_radius: float = 0.5,
                  normal_eps: float = 0.01):
         super().__init__()

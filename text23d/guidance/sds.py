@@ -19,6 +19,9 @@ WEIGHTINGS = ("sds", "uniform")
 
 
 class SDSGuidance:
+    needs = frozenset({"rgb", "text"})  # what the system must hand it (systems/parts.py)
+    provides = frozenset()
+
     def __init__(
         self,
         guidance_scale: float = 100.0,

@@ -26,6 +26,10 @@ WEIGHTINGS = ("sds", "uniform")
 
 
 class VSDGuidance:
+    # Each view's pose conditions the LoRA, which the system must train on the renders (parts.py).
+    needs = frozenset({"rgb", "text", "camera_pose", "lora_training"})
+    provides = frozenset({"lora"})
+
     def __init__(
         self,
         guidance_scale: float = 7.5,

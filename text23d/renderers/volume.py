@@ -35,6 +35,9 @@ def shade(albedo: Tensor, normals: Tensor | None, points: Tensor, light: Tensor,
 
 
 class VolumeRenderer(nn.Module):
+    needs = frozenset({"density", "albedo"})  # from the geometry (systems/parts.py)
+    provides = frozenset({"rgb", "opacity", "depth", "sample_weights", "normals"})
+
     def __init__(self, radius: float = 1.0, num_samples: int = 64, ambient: float = 0.1,
                  diffuse: float = 0.9, skip_weight: float = 1e-4):
         super().__init__()

@@ -6,6 +6,9 @@ from torch import Tensor
 
 from text23d.errors import ConfigError
 
+# What each regulariser needs from the renderer (checked in systems/parts.py).
+NEEDS = {"orient": ("sample_weights", "normals"), "sparsity": ("opacity",), "opaque": ("opacity",)}
+
 
 def scheduled(value, step: int) -> float:
     if isinstance(value, (int, float)):
@@ -19,6 +22,24 @@ def scheduled(value, step: int) -> float:
         return end_value if step >= end_step else start_value
     frac = min(max((step - start_step) / (end_step - start_step), 0.0), 1.0)
     return start_value + frac * (end_value - start_value)
+
+
+def always_zero(value) -> bool:
+    """A weight that is 0 at every step: 0, or a ramp from 0 to 0."""
+    if isinstance(value, (int, float)):
+        return float(value) == 0.0
+    try:
+        return float(value[1]) == 0.0 and float(value[2]) == 0.0
+    except (TypeError, ValueError, IndexError):
+        return False
+
+
+def regularisers(out: dict) -> dict[str, Tensor]:
+    """Every regulariser the renderer output `out` allows, unweighted (the system weights them)."""
+    terms = {"sparsity": sparsity(out["opacity"]), "opaque": opaque(out["opacity"])}
+    if "normals" in out and "weights" in out:
+        terms["orient"] = orientation(out["weights"], out["normals"], out["dirs"])
+    return terms
 
 
 def orientation(weights: Tensor, normals: Tensor, dirs: Tensor) -> Tensor:
