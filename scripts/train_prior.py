@@ -38,7 +38,7 @@ from diffusers import DDIMScheduler, DDPMScheduler, UNet2DConditionModel
 from PIL import Image, ImageDraw, ImageFont
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-from text23d.builtin.data import COLOURS, HELD_OUT, SHAPES, caption, make_dataset, vocabulary
+from text23d.builtin.data import COLOURS, HELD_OUT, SHAPES, caption, make_dataset, vocabulary, write_vocabulary
 from text23d.builtin.tokenizer import write_word_tokenizer
 
 RESOLUTION = 32
@@ -397,6 +397,7 @@ def main(argv=None) -> Path:
           flush=True)
 
     write_word_tokenizer(staging / "tokenizer", vocabulary(), model_max_length=MAX_TOKENS)
+    write_vocabulary(staging)
     tokenizer = CLIPTokenizer.from_pretrained(staging / "tokenizer")
     token_ids = encode_captions(tokenizer, captions)
     uncond_ids = encode_captions(tokenizer, [""])[0]

@@ -67,6 +67,19 @@ def vocabulary() -> list[str]:
     return ["a", *COLOURS, *SHAPES, *DIRECTIONS, "view"]
 
 
+# Words that carry no meaning for this world, read as the article the captions use.
+ALIASES = {"an": "a", "the": "a"}
+
+
+def write_vocabulary(folder) -> None:
+    """`vocabulary.json` beside the model: the prompt processor warns about any other word."""
+    import json
+    from pathlib import Path
+
+    text = json.dumps({"words": vocabulary(), "aliases": ALIASES}, indent=2) + "\n"
+    (Path(folder) / "vocabulary.json").write_text(text, encoding="utf-8")
+
+
 def caption(shape: str, colour: str, view: str | None = None) -> str:
     """ "a red cone", or with a view (one of DIRECTIONS) "a red cone, side view"."""
     _check_names([shape], [colour])

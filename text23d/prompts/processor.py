@@ -11,7 +11,10 @@ encoder (for DeepFloyd IF's T5-XXL that saves ~20 GB of memory and a minute of l
 from __future__ import annotations
 
 import hashlib
+import json
+import logging
 import os
+import re
 import tempfile
 import warnings
 from pathlib import Path
@@ -22,6 +25,25 @@ from safetensors.torch import load_file, save_file
 from text23d.errors import ConfigError
 
 DIRECTIONS = ("front", "side", "back", "overhead")
+# A prior folder may list the only words it was trained on (the built-in prior does); see
+# PromptProcessor.check_vocabulary.
+VOCABULARY_FILE = "vocabulary.json"
+PUNCTUATION = set(",.!?'-:;()\"")
+log = logging.getLogger("text23d")
+
+
+def read_vocabulary(model_dir) -> tuple[set[str], dict[str, str]] | None:
+    """(words, aliases) from `<model_dir>/vocabulary.json`, or None when the prior has none."""
+    path = Path(model_dir) / VOCABULARY_FILE
+    if not path.is_file():
+        return None
+    data = json.loads(path.read_text(encoding="utf-8"))
+    return set(data["words"]), dict(data.get("aliases", {}))
+
+
+def words_of(text: str) -> list[str]:
+    """Lower-cased words (letter runs), digit runs, and every other symbol (an emoji) on its own."""
+    return re.findall(r"[^\W\d_]+|\d+|\S", text.lower())
 
 
 class PromptProcessor:
@@ -49,6 +71,8 @@ class PromptProcessor:
             )
         self.prompt = prompt.strip()
         self.negative_prompt = (negative_prompt or "").strip()
+        # What the text encoder reads: the prompts, with a vocabulary's aliases applied (prepare).
+        self._encoded_prompt, self._encoded_negative = self.prompt, self.negative_prompt
         self.view_dependent = view_dependent
         self.front_threshold = float(front_threshold)
         self.back_threshold = float(back_threshold)
@@ -82,14 +106,40 @@ class PromptProcessor:
 
     def _texts(self) -> list[str]:
         if not self.view_dependent:
-            return [self.prompt] * len(DIRECTIONS)
-        return [f"{self.prompt}, {d} view" for d in DIRECTIONS]
+            return [self._encoded_prompt] * len(DIRECTIONS)
+        return [f"{self._encoded_prompt}, {d} view" for d in DIRECTIONS]
+
+    # --- vocabulary ---------------------------------------------------------------------------
+
+    def check_vocabulary(self, prior) -> list[str]:
+        """For a prior that ships vocabulary.json: read its aliases ("an" → "a") into the text that
+        is encoded, and warn once, by name, about every word it was never trained on. The run goes
+        on (people experiment), but never silently. Returns the unknown words."""
+        vocab = read_vocabulary(prior.model_dir)
+        if vocab is None:
+            return []
+        words, aliases = vocab
+
+        def alias(text: str) -> str:
+            return re.sub(r"[^\W\d_]+", lambda m: aliases.get(m.group(0).lower(), m.group(0)), text)
+
+        self._encoded_prompt, self._encoded_negative = alias(self.prompt), alias(self.negative_prompt)
+        typed = words_of(self.prompt) + words_of(self.negative_prompt)
+        unknown = list(dict.fromkeys(w for w in typed if w not in words and w not in aliases
+                                     and w not in PUNCTUATION))
+        if unknown:
+            log.warning("the prior %s was trained on %d words only and does not know %s: those steer the "
+                        "run nowhere. It knows: %s (and %s, read as %s).", prior.name, len(words),
+                        ", ".join(repr(w) for w in unknown), " ".join(sorted(words)),
+                        "/".join(aliases), "/".join(dict.fromkeys(aliases.values())))
+        return unknown
 
     # --- embeddings ---------------------------------------------------------------------------
 
     def prepare(self, prior) -> None:
         """Load the embeddings from the cache, or compute (and cache) the missing ones."""
-        texts = list(dict.fromkeys(self._texts() + [self.negative_prompt]))
+        self.check_vocabulary(prior)
+        texts = list(dict.fromkeys(self._texts() + [self._encoded_negative]))
         cache = self._cache_folder()
         found = {text: self._load(cache, prior, text) for text in texts}
         missing = [text for text, emb in found.items() if emb is None]
@@ -99,7 +149,7 @@ class PromptProcessor:
                 self._save(cache, prior, text, emb)
         found = {text: emb.to(prior.device) for text, emb in found.items()}
         self._cond = torch.stack([found[text] for text in self._texts()])  # (4, L, D)
-        self._uncond = found[self.negative_prompt][None]  # (1, L, D)
+        self._uncond = found[self._encoded_negative][None]  # (1, L, D)
 
     def __call__(self, elevation_deg, azimuth_deg) -> tuple[torch.Tensor, torch.Tensor]:
         """Conditional and unconditional embeddings, each (B, L, D), for B cameras."""
