@@ -1,12 +1,15 @@
 """Speed and memory of one optimisation step, for fixed configurations. JSON out.
 
     python scripts/bench.py                      # every configuration this machine can run
-    python scripts/bench.py --only sds-grid-32 --steps 20 --out bench.json
+    python scripts/bench.py --only sds-builtin-32 --steps 20 --out bench.json
 
-Each configuration runs in its own process, so peak memory is that configuration's alone.
-Models are built from configs with random weights (no downloads): speed depends on shapes,
-not on what the weights know. On CUDA, `sds-sd21-64` uses Stable Diffusion 2.1-base's exact
-UNet / VAE / text-encoder shapes, so real SDS speed is measured without fetching weights.
+Each configuration runs in its own process, so peak memory is that configuration's alone. The
+`*-builtin-*` ones time the shipped built-in prior with the settings `prior=builtin` gives users
+(32² renders, 4 views a step, dense grid, 48 samples per ray), after the albedo-only warm-up
+(lambertian shading, so normals are computed, as in most of a run). On CUDA, `*-sd21-64` use
+Stable Diffusion 2.1-base's exact UNet / VAE / text-encoder shapes with random weights, so real
+SDS/VSD speed is measured without fetching weights: speed depends on shapes, not on what the
+weights know.
 """
 from __future__ import annotations
 
@@ -23,41 +26,35 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-# name: (prior kind, render size, geometry, extra overrides, needs CUDA)
+# name: (prior, overrides, needs CUDA); prior "builtin" is the shipped model, "sd21" random weights.
 CONFIGS = {
-    "sds-grid-32": ("pixel32", 32, "grid", [], False),
-    "vsd-grid-32": ("pixel32", 32, "grid", ["system=vsd"], False),
-    "sds-grid-64": ("pixel64", 64, "grid", [], False),
-    "vsd-grid-64": ("pixel64", 64, "grid", ["system=vsd"], False),
-    "sds-nerf-64": ("pixel64", 64, "nerf", [], False),
-    "sds-sd21-64": ("sd21", 64, "grid", ["prior.dtype=float16"], True),
-    "vsd-sd21-64": ("sd21", 64, "grid", ["prior.dtype=float16", "system=vsd"], True),
+    "sds-builtin-32": ("builtin", [], False),
+    "vsd-builtin-32": ("builtin", ["system=vsd"], False),
+    "sds-builtin-64": ("builtin", ["system.width=64", "system.height=64"], False),
+    "vsd-builtin-64": ("builtin", ["system=vsd", "system.width=64", "system.height=64"], False),
+    "sds-builtin-nerf-32": ("builtin", ["geometry=nerf"], False),
+    "sds-sd21-64": ("sd21", ["geometry=grid", "prior.dtype=float16"], True),
+    "vsd-sd21-64": ("sd21", ["geometry=grid", "prior.dtype=float16", "system=vsd"], True),
 }
 WORDS = "a red blue green cube sphere hamburger front side back overhead view".split()
 
 
-def build_prior(kind: str, folder: Path) -> Path:
+def build_sd21(folder: Path) -> Path:
+    """Stable Diffusion 2.1-base's shapes with random weights: 865 M-parameter UNet, OpenCLIP-H
+    text encoder (23 layers × 1024), the 4-level VAE."""
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
     from text23d.testing import save_model_folder
 
-    def text_encoder(hidden, layers, heads, inter, length):
-        return lambda tok: CLIPTextModel(CLIPTextConfig(
-            vocab_size=len(tok), hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
-            intermediate_size=inter, max_position_embeddings=length, bos_token_id=tok.bos_token_id,
+    def text_encoder(tok):
+        return CLIPTextModel(CLIPTextConfig(
+            vocab_size=len(tok), hidden_size=1024, num_hidden_layers=23, num_attention_heads=16,
+            intermediate_size=4096, max_position_embeddings=77, bos_token_id=tok.bos_token_id,
             eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, hidden_act="gelu"))
 
     sched = DDPMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear",
                           beta_start=0.00085, beta_end=0.012)
-    if kind.startswith("pixel"):  # the built-in prior's shapes (~2.5 M parameters)
-        unet = UNet2DConditionModel(
-            sample_size=int(kind[5:]), in_channels=3, out_channels=3, block_out_channels=(32, 64, 96),
-            layers_per_block=2, cross_attention_dim=64, attention_head_dim=4,
-            down_block_types=("DownBlock2D", "DownBlock2D", "CrossAttnDownBlock2D"),
-            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D", "UpBlock2D"))
-        return save_model_folder(folder, WORDS, text_encoder(64, 2, 4, 128, 16), unet, sched)
-    # Stable Diffusion 2.1-base: 865 M-parameter UNet, OpenCLIP-H text encoder (23 layers × 1024).
     unet = UNet2DConditionModel(
         sample_size=64, in_channels=4, out_channels=4, block_out_channels=(320, 640, 1280, 1280),
         layers_per_block=2, cross_attention_dim=1024, attention_head_dim=(5, 10, 20, 20),
@@ -67,8 +64,8 @@ def build_prior(kind: str, folder: Path) -> Path:
     vae = AutoencoderKL(block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4,
                         down_block_types=("DownEncoderBlock2D",) * 4,
                         up_block_types=("UpDecoderBlock2D",) * 4, sample_size=512)
-    return save_model_folder(folder, WORDS, text_encoder(1024, 23, 16, 4096, 77), unet.half(), sched,
-                             vae=vae.half(), model_max_length=77)
+    return save_model_folder(folder, WORDS, text_encoder, unet.half(), sched, vae=vae.half(),
+                             model_max_length=77)
 
 
 def bench_one(name: str, steps: int, warmup: int) -> dict:
@@ -78,13 +75,13 @@ def bench_one(name: str, steps: int, warmup: int) -> dict:
     from text23d.config import compose
     from text23d.run import build_system
 
-    kind, size, geometry, extra, _ = CONFIGS[name]
+    kind, extra, _ = CONFIGS[name]
     device = "cuda" if torch.cuda.is_available() else "cpu"
     with tempfile.TemporaryDirectory() as tmp:
-        model = build_prior(kind, Path(tmp) / "model")
-        cfg = compose(["prompt=a red cube", f"geometry={geometry}", f"system.width={size}",
-                           f"system.height={size}", f"prior.pretrained_model_name_or_path={model}",
-                           f"output_dir={tmp}/run", "system.shading.ambient_only_steps=0", *extra])
+        prior = ["prior=builtin"] if kind == "builtin" else [
+            f"prior.pretrained_model_name_or_path={build_sd21(Path(tmp) / 'model')}"]
+        cfg = compose(["prompt=a red cube", *prior, f"output_dir={tmp}/run",
+                       "system.shading.ambient_only_steps=0", *extra])
         times: list[float] = []
 
         class Timer(L.Callback):
@@ -108,7 +105,8 @@ def bench_one(name: str, steps: int, warmup: int) -> dict:
         trainer.fit(system)
     timed = sorted(times[warmup:])
     median = timed[len(timed) // 2]
-    result = {"config": name, "device": device, "render": f"{size}x{size}", "geometry": geometry,
+    result = {"config": name, "device": device, "render": f"{cfg.system.width}x{cfg.system.height}",
+              "views_per_step": cfg.system.batch_size, "geometry": cfg.geometry._target_.rsplit(".", 1)[1],
               "prior": kind, "steps_timed": len(timed), "median_step_s": round(median, 4),
               "it_per_s": round(1 / median, 2),
               "peak_cpu_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
@@ -132,7 +130,7 @@ def main() -> None:
         return
     import torch
 
-    names = args.only or [n for n, c in CONFIGS.items() if torch.cuda.is_available() or not c[4]]
+    names = args.only or [n for n, c in CONFIGS.items() if torch.cuda.is_available() or not c[2]]
     results = []
     for name in names:
         p = subprocess.run([sys.executable, __file__, "--one", name, "--steps", str(args.steps),
