@@ -34,7 +34,7 @@ def evaluate(pairs, system: str, cfg_scale: float, out: Path, overrides: list[st
 
     from text23d.config import compose, slugify
     from text23d.export.video import save_image
-    from text23d.builtin.evaluate import caption_of, diversity, score_asset, strip
+    from text23d.builtin.evaluate import caption_of, colour_error, diversity, score_asset, score_mesh, strip
     from text23d.run import build_system, load_system, run
 
     results, spread = [], []
@@ -46,27 +46,38 @@ def evaluate(pairs, system: str, cfg_scale: float, out: Path, overrides: list[st
             run_dir = run_dir / f"seed{seed}" if len(seeds) > 1 else run_dir
             cfg = compose([f"prompt={prompt}", f"system={system}", "prior=builtin", f"output_dir={run_dir}",
                            f"guidance.guidance_scale={cfg_scale}", f"seed={seed}", "trainer.enable_progress_bar=false",
-                           "export.video_views=8", "export.resolution=64", "validation.every_n_steps=0",
+                           "export.video_views=8", "validation.every_n_steps=0",
                            *overrides])
             L.seed_everything(cfg.seed, verbose=False)
             blob = score_asset(build_system(cfg), shape, colour)  # the starting point: a density blob
             start = time.time()
-            run(cfg)
+            summary = run(cfg)
             wall = time.time() - start
             system_obj, _, _ = load_system(run_dir)
+            meshes = [p["mesh_glb"] for p in summary["artifacts"].get("particles", [summary["artifacts"]])]
             for i in range(len(system_obj.particles)):
                 r = score_asset(system_obj, shape, colour, particle=i)
                 views = r.pop("views")
                 group.append(views)
+                # The file a user takes away: the exported GLB, judged the same way, and how far its
+                # colours are from the renders' over the same orbit.
+                m = score_mesh(meshes[i], shape, colour, system_obj.camera_sampler)
+                r.update({f"mesh_{k}": m[k] for k in ("iou", "predicted_shape", "shape_correct", "predicted_colour",
+                                                      "colour_correct", "symmetry", "faces")})
+                r["mesh_colour_error"] = colour_error(views, m["views"])
                 name = "eval_strip.png" if len(system_obj.particles) == 1 else f"eval_strip_p{i}.png"
-                save_image(strip(views, shape, colour, r["best_scale"], system_obj.camera_sampler), run_dir / name)
+                tiles = strip(views, shape, colour, r["best_scale"], r["best_rotation"], system_obj.camera_sampler,
+                              m["views"])
+                save_image(tiles, run_dir / name)
                 r.update({"prompt": prompt, "held_out": (shape, colour) in held, "seed": seed, "particle": i,
                           "wall_time_s": round(wall, 1), "blob_iou": blob["iou"],
                           "blob_predicted_shape": blob["predicted_shape"], "strip": str(run_dir / name),
-                          "run_dir": str(run_dir)})
+                          "run_dir": str(run_dir), "mesh": meshes[i]})
                 results.append(r)
                 print(json.dumps({k: r[k] for k in ("prompt", "seed", "particle", "iou", "predicted_shape",
-                                                    "predicted_colour", "blob_iou", "wall_time_s")}), flush=True)
+                                                    "predicted_colour", "mesh_iou", "mesh_predicted_shape",
+                                                    "mesh_predicted_colour", "mesh_colour_error", "symmetry",
+                                                    "mesh_symmetry", "blob_iou", "wall_time_s")}), flush=True)
         if len(group) > 1:
             spread.append({"prompt": prompt, **diversity(group)})
             print(json.dumps(spread[-1]), flush=True)
@@ -74,14 +85,18 @@ def evaluate(pairs, system: str, cfg_scale: float, out: Path, overrides: list[st
 
 
 def card_table(report: dict) -> str:
-    lines = ["| system | CFG | pairs | shape acc. | colour acc. | mean IoU | blob IoU | s / asset |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| system | CFG | pairs × seeds | renders: shape / colour | **mesh file: shape / colour / both** | "
+             "mean IoU (renders / mesh) | mesh vs render colour error | blob IoU | s / asset |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for run_ in report["runs"]:
         for split in ("seen", "held_out"):
             s = run_["summary"][split]
             if s:
-                lines.append(f"| {run_['system']} | {run_['cfg']:g} | {split} ({s['n']}) | {s['shape_accuracy']:.0%} | "
-                             f"{s['colour_accuracy']:.0%} | {s['mean_iou']:.3f} | {s['mean_blob_iou']:.3f} | "
+                mesh = (f"**{s['mesh_shape_accuracy']:.0%} / {s['mesh_colour_accuracy']:.0%} / {s['mesh_both_accuracy']:.0%}**"
+                        if "mesh_shape_accuracy" in s else "—")
+                lines.append(f"| {run_['system']} | {run_['cfg']:g} | {split} ({s['n']}) | {s['shape_accuracy']:.0%} / "
+                             f"{s['colour_accuracy']:.0%} | {mesh} | {s['mean_iou']:.3f} / {s.get('mean_mesh_iou', float('nan')):.3f} | "
+                             f"{s.get('mean_mesh_colour_error', float('nan')):.3f} | {s['mean_blob_iou']:.3f} | "
                              f"{s['mean_wall_time_s']:.0f} |")
     diverse = [r for r in report["runs"] if r.get("diversity")]
     if diverse:
@@ -93,15 +108,30 @@ def card_table(report: dict) -> str:
     return "\n".join(lines)
 
 
+def per_asset_table(results: list[dict]) -> str:
+    """One row per prompt × seed: what the renders and the exported mesh show."""
+    def verdict(ok_shape, shape, ok_colour, colour):
+        return f"{shape if ok_shape else shape.upper() + '!'} / {colour if ok_colour else colour.upper() + '!'}"
+
+    lines = ["| prompt | seed | renders: shape / colour | IoU | mesh file: shape / colour | mesh IoU | "
+             "colour error | s |", "|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        held = " (held out)" if r["held_out"] else ""
+        lines.append(f"| {r['prompt']}{held} | {r['seed']} | "
+                     f"{verdict(r['shape_correct'], r['predicted_shape'], r['colour_correct'], r['predicted_colour'])} | "
+                     f"{r['iou']:.3f} | "
+                     f"{verdict(r['mesh_shape_correct'], r['mesh_predicted_shape'], r['mesh_colour_correct'], r['mesh_predicted_colour'])} | "
+                     f"{r['mesh_iou']:.3f} | {r['mesh_colour_error']:.3f} | {r['wall_time_s']:.0f} |")
+    return "\n".join(lines)
+
+
 def update_card(card: Path, report: dict) -> None:
     text = card.read_text()
     head = text.split("## Evaluation")[0]
     card.write_text(head + "## Evaluation\n\nWritten by `python " + " ".join(report["command"]) + "` "
-                    f"on {report['machine']}.\n\n" + card_table(report) + "\n\nPer prompt:\n\n"
-                    + "\n".join(f"- {r['prompt']}{' (held out)' if r['held_out'] else ''}: IoU {r['iou']:.3f}, "
-                                f"shape → {r['predicted_shape']}, colour → {r['predicted_colour']}"
-                                for run_ in report["runs"] for r in run_["results"] if run_ is report["runs"][0])
-                    + "\n")
+                    f"on {report['machine']}. Wrong verdicts are in capitals with a '!'.\n\n" + card_table(report)
+                    + "\n\nPer asset (" + report["runs"][0]["system"] + f", CFG {report['runs'][0]['cfg']:g}):\n\n"
+                    + per_asset_table(report["runs"][0]["results"]) + "\n")
 
 
 def main() -> None:
@@ -151,6 +181,8 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "eval.json").write_text(json.dumps(report, indent=2))
     print(card_table(report))
+    for run_ in report["runs"]:
+        print(f"\n{run_['system']}, CFG {run_['cfg']:g}:\n" + per_asset_table(run_["results"]))
     if args.update_card:
         update_card(Path(builtin_prior_path()) / "README.md", report)
 

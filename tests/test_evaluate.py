@@ -40,3 +40,39 @@ def test_a_different_particle_is_measured_and_scored_on_its_own(tmp_path):
 def test_diversity_needs_two_assets(tmp_path):
     with pytest.raises(ValueError, match="at least 2 assets, got 1"):
         diversity([views_of(two_particles(tmp_path), 0)])
+
+
+# --- judging the exported mesh file ------------------------------------------------------------
+
+def _saved(mesh, tmp_path, rgb, name):
+    import numpy as np
+
+    from text23d.export.mesh import save_mesh
+
+    colours = np.tile(np.array([*(np.array(rgb) * 255).round(), 255], np.uint8), (len(mesh.vertices), 1))
+    mesh.visual.vertex_colors = colours
+    return save_mesh(mesh, str(tmp_path), name, ["glb"])["glb"]
+
+
+def test_the_mesh_judge_reads_the_glb_and_tells_a_cube_from_a_barrel(tmp_path):
+    import trimesh
+
+    from text23d.builtin.data import COLOURS
+    from text23d.builtin.evaluate import score_mesh
+    from text23d.cameras.sampler import RandomCameraSampler
+
+    sampler, scale = RandomCameraSampler(), 0.52
+    cube = trimesh.creation.box(extents=[2 * 0.62 * scale] * 3)
+    cube.apply_transform(trimesh.transformations.rotation_matrix(0.4, [0, 0, 1]))  # turned ~23°
+    r = score_mesh(_saved(cube, tmp_path, COLOURS["blue"], "cube"), "cube", "blue", sampler)
+    assert (r["predicted_shape"], r["predicted_colour"]) == ("cube", "blue") and r["iou"] > 0.85, r
+    assert r["symmetry"] > r["symmetry_threshold"]
+    # A barrel with the cube's height and the width of its diagonal and its face on average: its
+    # silhouettes fit a cube rather well, but they do not change as it turns.
+    barrel = trimesh.creation.cylinder(radius=0.62 * scale * 1.2, height=2 * 0.62 * scale, sections=64)
+    r = score_mesh(_saved(barrel, tmp_path, COLOURS["blue"], "barrel"), "cube", "blue", sampler)
+    assert r["predicted_shape"] != "cube" and r["symmetry"] < r["symmetry_threshold"], r
+    cone = trimesh.creation.cone(radius=0.75 * scale, height=1.5 * scale, sections=64)
+    cone.apply_translation([0, 0, -0.75 * scale])
+    r = score_mesh(_saved(cone, tmp_path, COLOURS["black"], "cone"), "cone", "black", sampler)
+    assert (r["predicted_shape"], r["predicted_colour"]) == ("cone", "black"), r

@@ -1,9 +1,15 @@
 """Did the pipeline generate what was asked? Scoring assets made on the built-in prior.
 
-For "a {colour} {shape}", the generated asset is rendered from 8 azimuths (the evaluation orbit)
-and compared with the true primitive rendered by the data renderer from the same cameras:
-- silhouette IoU with the asked shape, best over the data's range of scales (size is free);
-- shape classification: the primitive whose silhouettes fit best;
+For "a {colour} {shape}", an asset is seen from the evaluation orbit and compared with the true
+primitive rendered by the data renderer from the same cameras. It is judged twice: on the volume
+renders (`score_asset`) and on the exported mesh file (`score_mesh`: the GLB a user takes away,
+rasterised with its vertex colours). Each judgement has
+- silhouette IoU with the asked shape over 8 azimuths, best over the data's range of scales and,
+  for the shapes with corners, over rotations about the vertical axis (size and turn are free);
+- shape classification: the primitive whose silhouettes fit best, overruled by rotational
+  symmetry: a cube or pyramid must change its silhouette as it turns (its area has a 90°-periodic
+  part over 16 azimuths), a cylinder, cone, sphere or torus must not. A barrel is not a cube even
+  when its silhouettes happen to fit one;
 - colour classification: the named colour nearest to the mean albedo inside the silhouette.
 The initial density blob already *is* a sphere, so every prompt is also scored before training
 (`blob_*`): a method must beat that starting point, not merely keep it.
@@ -19,6 +25,9 @@ import torch
 from text23d.builtin.data import COLOURS, SCALE_RANGE, SHAPES, held_out_pairs, render_primitives, render_silhouettes
 
 EVAL_SCALES = np.linspace(SCALE_RANGE[0] * 0.85, SCALE_RANGE[1] * 1.15, 7)
+CORNERED = ("cube", "pyramid")  # 90°-periodic about the vertical axis; the other shapes are round
+ROTATIONS = (0.0, 15.0, 30.0, 45.0, 60.0, 75.0)  # a cornered shape repeats every 90°
+SYMMETRY_VIEWS = 16
 
 
 def default_pairs() -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
@@ -33,52 +42,151 @@ def caption_of(shape: str, colour: str) -> str:
     return f"a {colour} {shape}"
 
 
-@functools.lru_cache(maxsize=4)
-def _truth_masks(cam_key: tuple, resolution: int) -> dict:
-    """Ground-truth silhouettes {(shape, scale): (V, H, W) bool} for the orbit in cam_key."""
+def _orbit(key: tuple, n_views: int):
     from text23d.cameras.sampler import RandomCameraSampler
 
-    n_views, elevation, distance, fovy = cam_key
-    cams = RandomCameraSampler(eval_elevation=elevation, eval_distance=distance, eval_fovy=fovy).orbit(n_views)
-    return {(s, float(k)): render_silhouettes([s] * n_views, cams, float(k), 0.0, resolution, supersample=1).numpy()
-            for s in SHAPES for k in EVAL_SCALES}
+    elevation, distance, fovy = key
+    return RandomCameraSampler(eval_elevation=elevation, eval_distance=distance, eval_fovy=fovy).orbit(n_views)
+
+
+def _cam_key(sampler) -> tuple:
+    return (sampler.eval_elevation, sampler.eval_distance, sampler.eval_fovy)
+
+
+@functools.lru_cache(maxsize=4)
+def _truth_masks(cam_key: tuple, n_views: int, resolution: int) -> dict:
+    """Ground-truth silhouettes {(shape, scale, rotation): (V, H, W) bool} for the orbit."""
+    cams = _orbit(cam_key, n_views)
+    return {(s, float(k), r): render_silhouettes([s] * n_views, cams, float(k), r, resolution, supersample=1).numpy()
+            for s in SHAPES for k in EVAL_SCALES for r in (ROTATIONS if s in CORNERED else (0.0,))}
+
+
+def symmetry(masks: np.ndarray) -> float:
+    """The 90°-periodic part of the silhouette area over a full turn (masks (16, H, W) from evenly
+    spaced azimuths), relative to the mean area: ~0 for a body of revolution, clearly positive for
+    a cube or pyramid whatever its rotation (the magnitude of a Fourier coefficient has no phase)."""
+    area = masks.reshape(len(masks), -1).sum(1).astype(np.float64)
+    k = np.arange(len(area))
+    return float(np.abs((area * np.exp(-2j * np.pi * 4 * k / len(area))).sum()) / max(area.sum(), 1.0))
+
+
+@functools.lru_cache(maxsize=4)
+def symmetry_threshold(cam_key: tuple, resolution: int) -> float:
+    """Halfway between the most cornered-looking round primitive and the least cornered-looking
+    cube or pyramid (true shapes, the data's scales and rotations)."""
+    cams = _orbit(cam_key, SYMMETRY_VIEWS)
+    values = {}
+    for s in SHAPES:
+        for k in (SCALE_RANGE[0], SCALE_RANGE[1]):
+            for r in (ROTATIONS if s in CORNERED else (0.0,)):
+                masks = render_silhouettes([s] * SYMMETRY_VIEWS, cams, k, r, resolution, supersample=1).numpy()
+                values.setdefault(s in CORNERED, []).append(symmetry(masks))
+    return 0.5 * (max(values[False]) + min(values[True]))
 
 
 def _iou(a: np.ndarray, b: np.ndarray) -> float:
     return float((a & b).sum() / max((a | b).sum(), 1))
 
 
-@torch.no_grad()
-def score_asset(system, shape: str, colour: str, n_views: int = 8, resolution: int = 64, particle: int = 0) -> dict:
-    """Metrics of one asset (a particle of a trained or initial system) against "a {colour} {shape}"."""
-    sampler = system.camera_sampler
-    views = system.render_views(sampler.orbit(n_views), resolution, shading="albedo", particle=particle)
-    opacity = np.stack([v["opacity"][..., 0] for v in views])  # (V, H, W)
+def classify(opacity: np.ndarray, rgb: np.ndarray, turn: np.ndarray, shape: str, colour: str, sampler) -> dict:
+    """Score one asset from its orbit views: opacity (8, H, W) and rgb (8, H, W, 3) at the 8
+    evaluation azimuths, `turn` (16, H, W) silhouettes over a full turn for the symmetry test."""
+    n_views, resolution = opacity.shape[0], opacity.shape[1]
     mask = opacity > 0.5
-    truth = _truth_masks((n_views, sampler.eval_elevation, sampler.eval_distance, sampler.eval_fovy), resolution)
-    fits = {s: max(((np.mean([_iou(mask[v], truth[(s, float(k))][v]) for v in range(n_views)]), float(k))
-                    for k in EVAL_SCALES)) for s in SHAPES}
-    predicted_shape = max(fits, key=lambda s: fits[s][0])
+    truth = _truth_masks(_cam_key(sampler), n_views, resolution)
+    fits = {}
+    for (s, k, r), m in truth.items():
+        iou = float(np.mean([_iou(mask[v], m[v]) for v in range(n_views)]))
+        if iou > fits.get(s, (-1.0,))[0]:
+            fits[s] = (iou, k, r)
+    sym = symmetry(turn)
+    threshold = symmetry_threshold(_cam_key(sampler), turn.shape[1])
+    allowed = CORNERED if sym >= threshold else tuple(s for s in SHAPES if s not in CORNERED)
+    predicted_shape = max(allowed, key=lambda s: fits[s][0])
     solid = opacity > 0.9 if (opacity > 0.9).sum() >= 8 else mask
-    rgb = np.stack([v["rgb"] for v in views])
     albedo = rgb[solid].mean(0) if solid.any() else np.ones(3)
     names = list(COLOURS)
     predicted_colour = names[int(np.argmin([np.linalg.norm(albedo - np.array(COLOURS[c])) for c in names]))]
     return {"shape": shape, "colour": colour, "iou": round(fits[shape][0], 4), "best_scale": fits[shape][1],
-            "predicted_shape": predicted_shape, "shape_correct": predicted_shape == shape,
-            "predicted_colour": predicted_colour, "colour_correct": predicted_colour == colour,
-            "mean_albedo": [round(float(x), 3) for x in albedo],
-            "iou_by_shape": {s: round(v[0], 4) for s, v in fits.items()}, "views": views}
+            "best_rotation": fits[shape][2], "predicted_shape": predicted_shape,
+            "shape_correct": predicted_shape == shape, "predicted_colour": predicted_colour,
+            "colour_correct": predicted_colour == colour, "mean_albedo": [round(float(x), 3) for x in albedo],
+            "symmetry": round(sym, 4), "symmetry_threshold": round(threshold, 4),
+            "iou_by_shape": {s: round(v[0], 4) for s, v in fits.items()}}
 
 
-def strip(system_views: list[dict], shape: str, colour: str, scale: float, sampler) -> np.ndarray:
-    """Generated views (top) over the ground truth (bottom), uint8 (2H, V·W, 3)."""
+@torch.no_grad()
+def score_asset(system, shape: str, colour: str, n_views: int = 8, resolution: int = 64, particle: int = 0) -> dict:
+    """Metrics of one asset (a particle of a trained or initial system) from its volume renders."""
+    sampler = system.camera_sampler
+    views = system.render_views(sampler.orbit(n_views), resolution, shading="albedo", particle=particle)
+    turn = system.render_views(sampler.orbit(SYMMETRY_VIEWS), resolution, shading="albedo", particle=particle)
+    opacity = np.stack([v["opacity"][..., 0] for v in views])  # (V, H, W)
+    result = classify(opacity, np.stack([v["rgb"] for v in views]),
+                      np.stack([v["opacity"][..., 0] > 0.5 for v in turn]), shape, colour, sampler)
+    return {**result, "views": views}
+
+
+def load_exported_mesh(path):
+    """An exported GLB (y-up, as glTF wants) back in the world frame (z-up), or an OBJ as it is."""
+    import trimesh
+
+    from text23d.export.mesh import Z_UP_TO_Y_UP
+
+    mesh = trimesh.load(str(path), force="mesh", process=False)
+    if str(path).endswith(".glb"):
+        mesh.apply_transform(np.linalg.inv(Z_UP_TO_Y_UP))
+    return mesh
+
+
+@torch.no_grad()
+def mesh_views(mesh, cams, resolution: int) -> list[dict]:
+    """The mesh rasterised with its vertex colours (no shading) on white: rgb (H, W, 3) and
+    opacity (H, W, 3) per view, like `system.render_views` returns them."""
+    from text23d.renderers.rasterize import barycentrics, interpolate, rasterize
+
+    verts = torch.as_tensor(np.asarray(mesh.vertices), dtype=torch.float32)
+    faces = torch.as_tensor(np.asarray(mesh.faces), dtype=torch.long)
+    colors = torch.as_tensor(np.asarray(mesh.visual.vertex_colors)[:, :3], dtype=torch.float32) / 255.0
+    face_id = rasterize(verts, faces, cams, resolution, resolution)
+    rgb = interpolate(colors, faces, face_id, barycentrics(verts, faces, face_id, cams))
+    covered = (face_id >= 0)[..., None].float()
+    rgb = rgb + (1 - covered)  # white background
+    return [{"rgb": rgb[i].numpy(), "opacity": covered[i].expand(-1, -1, 3).numpy()} for i in range(len(cams))]
+
+
+def score_mesh(path, shape: str, colour: str, sampler, n_views: int = 8, resolution: int = 64) -> dict:
+    """Metrics of an exported mesh file, judged exactly as `score_asset` judges renders."""
+    mesh = load_exported_mesh(path)
+    views = mesh_views(mesh, sampler.orbit(n_views), resolution)
+    turn = mesh_views(mesh, sampler.orbit(SYMMETRY_VIEWS), resolution)
+    result = classify(np.stack([v["opacity"][..., 0] for v in views]), np.stack([v["rgb"] for v in views]),
+                      np.stack([v["opacity"][..., 0] > 0.5 for v in turn]), shape, colour, sampler)
+    return {**result, "views": views, "faces": len(mesh.faces)}
+
+
+def colour_error(render_views: list[dict], mesh_views_: list[dict]) -> float:
+    """Mean absolute RGB difference (0-1) between the volume renders and the rendered mesh, over the
+    pixels both cover: how far the exported file's colours are from what the renders showed."""
+    diffs = []
+    for r, m in zip(render_views, mesh_views_):
+        both = (r["opacity"][..., 0] > 0.5) & (m["opacity"][..., 0] > 0.5)
+        if both.any():
+            diffs.append(np.abs(r["rgb"][both] - m["rgb"][both]).mean())
+    return round(float(np.mean(diffs)), 4) if diffs else float("nan")
+
+
+def strip(system_views: list[dict], shape: str, colour: str, scale: float, rotation: float, sampler,
+          mesh_views_: list[dict] | None = None) -> np.ndarray:
+    """Rows: generated renders, the exported mesh (if given), the ground truth; uint8 (R·H, V·W, 3)."""
     n = len(system_views)
     res = system_views[0]["rgb"].shape[0]
-    truth = render_primitives([shape] * n, torch.tensor([COLOURS[colour]] * n), sampler.orbit(n), scale, 0.0, res)
-    top = np.concatenate([v["rgb"] for v in system_views], axis=1)
-    bottom = np.concatenate(list(truth.numpy()), axis=1)
-    return (np.concatenate([top, bottom], axis=0).clip(0, 1) * 255).round().astype(np.uint8)
+    truth = render_primitives([shape] * n, torch.tensor([COLOURS[colour]] * n), sampler.orbit(n), scale, rotation, res)
+    rows = [np.concatenate([v["rgb"] for v in system_views], axis=1)]
+    if mesh_views_ is not None:
+        rows.append(np.concatenate([v["rgb"] for v in mesh_views_], axis=1))
+    rows.append(np.concatenate(list(truth.numpy()), axis=1))
+    return (np.concatenate(rows, axis=0).clip(0, 1) * 255).round().astype(np.uint8)
 
 
 def diversity(view_sets: list[list[dict]]) -> dict:
@@ -97,12 +205,18 @@ def diversity(view_sets: list[list[dict]]) -> dict:
 
 
 def summarise(results: list[dict]) -> dict:
-    """Accuracies and mean IoU / wall time over a list of per-asset results."""
+    """Accuracies and means over a list of per-asset results (renders, and the mesh when judged)."""
     if not results:
         return {}
-    mean = lambda key: round(float(np.mean([r[key] for r in results])), 4)  # noqa: E731
+    mean = lambda key: round(float(np.nanmean([r[key] for r in results])), 4)  # noqa: E731
     out = {"n": len(results), "shape_accuracy": mean("shape_correct"), "colour_accuracy": mean("colour_correct"),
            "mean_iou": mean("iou")}
+    if "mesh_shape_correct" in results[0]:
+        out["both_accuracy"] = round(float(np.mean([r["shape_correct"] and r["colour_correct"] for r in results])), 4)
+        out.update({"mesh_shape_accuracy": mean("mesh_shape_correct"), "mesh_colour_accuracy": mean("mesh_colour_correct"),
+                    "mesh_both_accuracy": round(float(np.mean([r["mesh_shape_correct"] and r["mesh_colour_correct"]
+                                                                for r in results])), 4),
+                    "mean_mesh_iou": mean("mesh_iou"), "mean_mesh_colour_error": mean("mesh_colour_error")})
     for key in ("blob_iou", "wall_time_s"):
         if key in results[0]:
             out[f"mean_{key}"] = mean(key)

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 
 from text23d.config import export_formats
-from text23d.export.mesh import extract_mesh, save_mesh
+from text23d.export.mesh import extract_mesh, save_mesh, surface_colors, to_rgb8
 from text23d.export.threshold import auto_threshold
 from text23d.export.video import make_grid, save_image, save_video, to_uint8
 
@@ -55,7 +55,11 @@ def _export_particle(system, i: int, save: Path, step: int, tag: str) -> tuple[d
         metrics["mesh_silhouette_iou"] = iou
         log.info("isosurface threshold %.3g chosen automatically (silhouette IoU %.3f vs renders)", threshold, iou)
     geometry = particle.geometry
-    mesh = extract_mesh(geometry.density, geometry.albedo, radius, ex.resolution, float(threshold))
+    mesh = extract_mesh(geometry.density, None, radius, ex.resolution, float(threshold))
+    voxel = 2 * radius / (ex.resolution - 1)
+    rgba = np.full((len(mesh.vertices), 4), 255, np.uint8)  # what the asset shows, not the shell's albedo
+    rgba[:, :3] = to_rgb8(surface_colors(geometry.density, geometry.albedo, mesh, radius, start=2 * voxel))
+    mesh.visual.vertex_colors = rgba
     stem = "model" if not tag else f"particle{i}"
     paths = save_mesh(mesh, save / f"it{step:06d}-export", stem, export_formats(system.cfg))
     artifacts.update({f"mesh_{fmt}": p for fmt, p in paths.items()})

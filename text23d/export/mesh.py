@@ -15,10 +15,9 @@ import numpy as np
 import torch
 import trimesh
 
+from text23d.config import MESH_FORMATS
 from text23d.errors import ConfigError, Text23dError
 from text23d.fileio import atomic_output
-
-MESH_FORMATS = ("obj", "glb")
 
 # Our world is z-up; glTF is y-up. (x, y, z) -> (x, z, -y) is a -90° rotation about x
 # (det = +1, so face winding and outward normals survive), and viewers then show the object
@@ -102,7 +101,8 @@ def extract_mesh(
     """Mesh of the surface density == threshold inside [-radius, radius]³, in world coordinates.
 
     density_fn: (N, 3) float32 world points -> (N,) densities (higher = inside).
-    color_fn:   (N, 3) -> (N, 3) RGB in [0, 1]; stored as uint8 RGBA vertex colours.
+    color_fn:   (N, 3) -> (N, 3) RGB in [0, 1] at each vertex, stored as uint8 RGBA vertex colours;
+                None leaves them white (`surface_colors` then sets what the asset shows).
     device:     where query points are built; None = the device of density_fn's module (if it
                 is a bound method of an nn.Module, e.g. geometry.density), else CPU.
     """
@@ -129,13 +129,60 @@ def extract_mesh(
     voxel = 2.0 * radius / (resolution - 1)
     verts = (verts_idx * voxel - radius).astype(np.float32)  # (V, 3) world coordinates
 
-    rgb = _eval_chunked(color_fn, torch.from_numpy(verts).to(device), chunk).numpy()  # (V, 3)
     rgba = np.full((len(verts), 4), 255, dtype=np.uint8)
-    rgba[:, :3] = np.round(np.clip(np.nan_to_num(rgb[:, :3]), 0.0, 1.0) * 255.0)
+    if color_fn is not None:
+        rgb = _eval_chunked(color_fn, torch.from_numpy(verts).to(device), chunk).numpy()  # (V, 3)
+        rgba[:, :3] = to_rgb8(rgb)
     # process=False keeps vertex order aligned with the colours we computed.
     return trimesh.Trimesh(
         vertices=verts, faces=faces.astype(np.int64), vertex_colors=rgba, process=False
     )
+
+
+def to_rgb8(rgb: np.ndarray) -> np.ndarray:
+    return np.round(np.clip(np.nan_to_num(rgb[:, :3]), 0.0, 1.0) * 255.0).astype(np.uint8)
+
+
+@torch.no_grad()
+def surface_colors(
+    density_fn: Callable[[torch.Tensor], torch.Tensor],
+    albedo_fn: Callable[[torch.Tensor], torch.Tensor],
+    mesh: trimesh.Trimesh,
+    radius: float,
+    start: float,
+    num_samples: int = 64,
+    chunk: int = 2048,
+) -> np.ndarray:
+    """The colour a viewer looking straight at each vertex sees, (V, 3) in [0, 1].
+
+    The isosurface is where the density crosses a level, which can be a thin haze in front of what
+    the renders show: the albedo there was never constrained by any view (a black torus whose
+    shell is grey-blue). So each vertex gets the volume-rendered albedo along its inward normal,
+    from `start` outside the surface to where the ray leaves the scene's ball, composited with
+    the renderer's weights and normalised by their sum; that is the colour of the surface the
+    renders show at that point. A vertex whose ray meets (almost) nothing keeps its own albedo.
+    """
+    device = _field_device(density_fn)
+    verts = torch.tensor(np.array(mesh.vertices), dtype=torch.float32, device=device)
+    normals = torch.tensor(np.array(mesh.vertex_normals), dtype=torch.float32, device=device)
+    out = []
+    for v, n in zip(verts.split(chunk), normals.split(chunk)):
+        origin, direction = v + start * n, -n  # (C, 3): just outside, looking in
+        b = (origin * direction).sum(-1)  # exit of the ball |x| = radius along the ray
+        far = -b + (b * b - (origin * origin).sum(-1) + radius**2).clamp_min(0).sqrt()
+        far = far.clamp_min(2 * start)
+        t = (torch.arange(num_samples, device=device) + 0.5) / num_samples * far[:, None]  # (C, n)
+        pts = origin[:, None] + direction[:, None] * t[..., None]  # (C, n, 3)
+        sigma = density_fn(pts.reshape(-1, 3)).float().view(-1, num_samples)
+        alpha = 1 - torch.exp(-sigma * (far / num_samples)[:, None])
+        trans = torch.cumprod(torch.cat([torch.ones_like(alpha[:, :1]), 1 - alpha + 1e-10], 1), 1)[:, :-1]
+        weights = alpha * trans  # (C, n), as in renderers/volume.py
+        albedo = albedo_fn(pts.reshape(-1, 3)).float().view(-1, num_samples, 3)
+        total = weights.sum(1, keepdim=True)
+        seen = (weights[..., None] * albedo).sum(1) / total.clamp_min(1e-6)
+        own = albedo_fn(v).float()
+        out.append(torch.where(total > 1e-3, seen, own).cpu())
+    return torch.cat(out).numpy() if out else np.zeros((0, 3), np.float32)
 
 
 def save_mesh(
