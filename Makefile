@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup demo test test-slow bench clean
+.PHONY: setup demo test test-slow bench eval-prior clean
 
 setup: $(VENV)/.installed
 
@@ -34,6 +34,11 @@ test-slow: setup
 
 bench: setup
 	$(PY) scripts/bench.py
+
+# The built-in prior's whole evaluation: 12 prompts x 3 seeds, judged on the exported GLB files
+# (about an hour on 2 cores); writes outputs/eval/eval.json and the model card's table.
+eval-prior: setup
+	$(PY) scripts/eval_prior.py --seeds 0 1 2 --update-card
 
 clean:
 	rm -rf $(VENV) outputs/* .pytest_cache

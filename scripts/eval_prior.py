@@ -65,6 +65,7 @@ def evaluate(pairs, system: str, cfg_scale: float, out: Path, overrides: list[st
                 r.update({f"mesh_{k}": m[k] for k in ("iou", "predicted_shape", "shape_correct", "predicted_colour",
                                                       "colour_correct", "symmetry", "faces")})
                 r["mesh_colour_error"] = colour_error(views, m["views"])
+                r["mesh_colour_error_vertex_albedo"] = vertex_albedo_error(system_obj, i, meshes[i], views)
                 name = "eval_strip.png" if len(system_obj.particles) == 1 else f"eval_strip_p{i}.png"
                 tiles = strip(views, shape, colour, r["best_scale"], r["best_rotation"], system_obj.camera_sampler,
                               m["views"])
@@ -82,6 +83,23 @@ def evaluate(pairs, system: str, cfg_scale: float, out: Path, overrides: list[st
             spread.append({"prompt": prompt, **diversity(group)})
             print(json.dumps(spread[-1]), flush=True)
     return results, spread
+
+
+def vertex_albedo_error(system, particle: int, glb: str, views: list[dict]) -> float:
+    """The colour error the mesh would have with the albedo at its vertices as colours (how
+    exports were coloured before surface_colors): the baseline the fix is measured against."""
+    import torch
+
+    from text23d.builtin.evaluate import colour_error, load_exported_mesh, mesh_views
+    from text23d.export.mesh import to_rgb8
+
+    mesh = load_exported_mesh(glb)
+    with torch.no_grad():
+        albedo = system.particles[particle].geometry.albedo(torch.tensor(np.array(mesh.vertices), dtype=torch.float32))
+    rgba = np.full((len(mesh.vertices), 4), 255, np.uint8)
+    rgba[:, :3] = to_rgb8(albedo.numpy())
+    mesh.visual.vertex_colors = rgba
+    return colour_error(views, mesh_views(mesh, system.camera_sampler.orbit(len(views)), views[0]["rgb"].shape[0]))
 
 
 def card_table(report: dict) -> str:

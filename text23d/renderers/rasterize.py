@@ -105,3 +105,83 @@ def interpolate(attr: Tensor, faces: Tensor, face_id: Tensor, bary: Tensor) -> T
     corner = attr[faces.long()[safe]]  # (B, H, W, 3, C)
     values = (bary[..., None] * corner).sum(-2)
     return values * (face_id >= 0)[..., None]
+
+
+def mesh_edges(faces: Tensor) -> tuple[Tensor, Tensor]:
+    """Unique edges (E, 2) and, per edge, its two faces' third vertices (E, 2); -1 where an edge
+    has only one face (a boundary). Edges shared by more than two faces keep two of them."""
+    faces = faces.long()
+    corners = faces[:, [0, 1, 1, 2, 2, 0]].view(-1, 2)  # (3F, 2): each face's edges
+    opposite = faces[:, [2, 0, 1]].reshape(-1)  # the vertex not on that edge
+    key = torch.sort(corners, dim=1).values
+    edges, inverse = torch.unique(key, dim=0, return_inverse=True)
+    third = torch.full((len(edges), 2), -1, dtype=torch.long, device=faces.device)
+    order = torch.argsort(inverse, stable=True)
+    first = torch.ones(len(order), dtype=torch.bool, device=faces.device)
+    first[1:] = inverse[order[1:]] != inverse[order[:-1]]
+    slot = (~first).long()  # 0 for an edge's first face, 1 for its second
+    third[inverse[order], slot] = opposite[order]
+    return edges, third
+
+
+def silhouette_alpha(verts: Tensor, faces: Tensor, cams: Cameras, face_id: Tensor, band: float = 1.0) -> Tensor:
+    """Coverage (B, H, W) in [0, 1] that is the hard mask away from the silhouette and blends
+    across it: 0.5 ± 0.5·f(d/band), d the pixel centre's distance (in pixels) to the nearest
+    silhouette edge, + inside the mask, − outside, f(u) = 1.5u − 0.5u³ up to u = 1 and 1 beyond (a
+    band `band` pixels wide on each side, continuous with zero slope where it meets the hard mask,
+    so a small move never makes a pixel jump). Differentiable w.r.t. `verts`, so the silhouette moves
+    under gradient descent (the hard mask alone has no gradient there; this plays the role of
+    nvdiffrast's antialias). A silhouette edge is a boundary edge or one where the surface folds
+    over in the image (both faces' third vertices on the same side of it), which needs no
+    consistent winding. Edges hidden behind the visible surface at a pixel are ignored there."""
+    B, height, width = face_id.shape
+    hard = (face_id >= 0).float()
+    edges, third = mesh_edges(faces)
+    xy, depth = project(verts, cams, height, width)  # (B, V, 2), (B, V) with grad
+    a, b = xy[:, edges[:, 0]], xy[:, edges[:, 1]]  # (B, E, 2)
+    s0 = _edge(a, b, xy[:, third[:, 0].clamp(min=0)])
+    s1 = torch.where(third[:, 1] >= 0, _edge(a, b, xy[:, third[:, 1].clamp(min=0)]), -s0)
+    contour = ((s0 * s1 > 0) | (third[:, 1] < 0)[None]) & (depth[:, edges].detach() > 1e-3).all(-1)
+    b_idx, e_idx = contour.nonzero(as_tuple=True)
+    if len(e_idx) == 0:
+        return hard
+    pa, pb = a[b_idx, e_idx], b[b_idx, e_idx]  # (S, 2)
+    lo = (torch.minimum(pa, pb).detach() - band - 0.5).ceil().clamp(min=0)
+    hi = torch.minimum((torch.maximum(pa, pb).detach() + band - 0.5).floor(),
+                       torch.tensor([width - 1.0, height - 1.0], device=verts.device))
+    size = (hi - lo + 1).clamp(min=0).long()
+    count = size[:, 0] * size[:, 1]
+    seg = torch.repeat_interleave(torch.arange(len(count), device=verts.device), count)
+    local = torch.arange(len(seg), device=verts.device) - torch.repeat_interleave(count.cumsum(0) - count, count)
+    px = lo[seg, 0].long() + local % size[seg, 0]
+    py = lo[seg, 1].long() + local // size[seg, 0]
+    p = torch.stack([px, py], -1).to(verts.dtype) + 0.5
+    ab = pb[seg] - pa[seg]
+    t = (((p - pa[seg]) * ab).sum(-1) / (ab * ab).sum(-1).clamp_min(1e-12)).clamp(0, 1)
+    closest = pa[seg] + t[:, None] * ab
+    dist = (p - closest).norm(dim=-1)  # (N,) pixels, with grad
+    # Visibility: the edge at its closest point must not lie behind the surface seen at the pixel.
+    bb = b_idx[seg]
+    ea, eb = depth[bb, edges[e_idx[seg], 0]], depth[bb, edges[e_idx[seg], 1]]
+    edge_depth = (ea + t * (eb - ea)).detach()
+    fid = face_id[bb, py, px]
+    seen = _pixel_depth(verts, faces, cams, face_id)[bb, py, px]
+    visible = (fid < 0) | (edge_depth <= seen * 1.01 + 1e-4)
+    near = visible & (dist < band)
+    pix = ((bb * height + py) * width + px)[near]
+    flat = torch.full((B * height * width,), float("inf"), device=verts.device, dtype=verts.dtype)
+    nearest = flat.scatter_reduce(0, pix, dist[near], "amin")  # distance to the nearest silhouette edge
+    touched = torch.isfinite(nearest)
+    sign = hard.reshape(-1) * 2 - 1
+    u = torch.where(touched, nearest, torch.zeros_like(nearest)) / band
+    soft = 0.5 + 0.5 * sign * (1.5 * u - 0.5 * u**3)
+    return torch.where(touched, soft, hard.reshape(-1)).view(B, height, width)
+
+
+def _pixel_depth(verts: Tensor, faces: Tensor, cams: Cameras, face_id: Tensor) -> Tensor:
+    """Depth (B, H, W) of the visible surface at each pixel centre (inf where there is none)."""
+    with torch.no_grad():
+        _, depth = project(verts, cams, face_id.shape[1], face_id.shape[2])
+        bary = barycentrics(verts, faces, face_id, cams)
+        z = (bary * depth[torch.arange(len(depth))[:, None, None, None], faces.long()[face_id.clamp(min=0)]]).sum(-1)
+    return torch.where(face_id >= 0, z, torch.full_like(z, float("inf")))
