@@ -1,6 +1,6 @@
 """Train the built-in prior from scratch: a 32×32 pixel-space text-to-image diffusion model.
 
-    HF_HUB_OFFLINE=1 .venv/bin/python scripts/train_prior.py --out text23d/builtin/model --minutes 32
+    HF_HUB_OFFLINE=1 .venv/bin/python scripts/train_prior.py --out text23d/builtin/model --steps N
     .venv/bin/python scripts/train_prior.py --quick       # ~1-minute smoke run into a temp folder
 
 Renders the procedural data set (text23d.builtin.data: "a red cone, side view" and friends), trains a
@@ -38,7 +38,8 @@ from diffusers import DDIMScheduler, DDPMScheduler, UNet2DConditionModel
 from PIL import Image, ImageDraw, ImageFont
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-from text23d.builtin.data import COLOURS, HELD_OUT, SHAPES, caption, make_dataset, vocabulary, write_vocabulary
+from text23d.builtin.data import (COLOURS, HELD_OUT, ROTATION_RANGE, SHAPES, caption, make_dataset, vocabulary,
+                                  write_vocabulary)
 from text23d.builtin.tokenizer import write_word_tokenizer
 
 RESOLUTION = 32
@@ -53,15 +54,26 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help=f"model folder to write (default {DEFAULT_OUT}; a temp folder with --quick)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--images", type=int, default=32000, help="training images to render")
-    p.add_argument("--minutes", type=float, default=32.0,
-                   help="training budget in wall-clock minutes (data rendering not included)")
+    p.add_argument("--images", type=int, default=64000, help="training images to render")
     p.add_argument("--steps", type=int, default=None,
-                   help="train exactly this many steps instead of --minutes (reproducible weights)")
+                   help="train exactly this many steps (reproducible weights; the shipped model's count is in its card)")
+    p.add_argument("--minutes", type=float, default=None,
+                   help="or: train for this many wall-clock minutes (data rendering not included)")
     p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--warmup", type=int, default=100, help="linear learning-rate warm-up steps")
+    p.add_argument("--lr", type=float, default=5e-4)
+    p.add_argument("--lr-schedule", choices=["constant", "cosine"], default="constant",
+                   help="constant after warm-up: the first k steps of any run are the run of k steps, so "
+                        "a probe (--probe-every) is exactly what --steps k reproduces")
+    p.add_argument("--warmup", type=int, default=200, help="linear learning-rate warm-up steps")
     p.add_argument("--ema-decay", type=float, default=0.999)
+    p.add_argument("--prediction-type", choices=["v_prediction", "epsilon"], default="v_prediction",
+                   help="v (Salimans & Ho 2022) stays well-conditioned at every noise level of the cosine "
+                        "schedule; ε-prediction's x0 estimate blows up near t = T, where sampling starts")
+    p.add_argument("--snr-gamma", type=float, default=5.0,
+                   help="Min-SNR-γ loss weighting (Hang et al. 2023): faster convergence; 0 turns it off")
+    p.add_argument("--probe-every", type=int, default=0,
+                   help="every N steps, sample with the EMA weights, judge the samples and save them beside --out")
+    p.add_argument("--eval-samples", type=int, default=4, help="DDIM samples per (shape, colour) pair judged at the end")
     p.add_argument("--caption-dropout", type=float, default=0.1,
                    help='fraction of captions replaced by "" (the unconditional branch of CFG)')
     p.add_argument("--log-every", type=int, default=25)
@@ -72,14 +84,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.quick:
         args.images, args.steps, args.batch_size, args.warmup = 256, 20, 8, 5
-        args.sample_steps, args.log_every = 5, 5
+        args.sample_steps, args.log_every, args.eval_samples = 5, 5, 1
         if args.out is None:
             args.out = Path(tempfile.mkdtemp(prefix="text23d_prior_quick_"))
     args.out = Path(args.out or DEFAULT_OUT)
     if args.steps is not None and args.steps < 1:
         p.error(f"--steps={args.steps}: must be >= 1")
-    if args.steps is None and not args.minutes > 0:
-        p.error(f"--minutes={args.minutes}: must be > 0 (or pass --steps N)")
+    if (args.steps is None) == (args.minutes is None):
+        p.error("pass exactly one of --steps N (reproducible) and --minutes M")
+    if args.minutes is not None and not args.minutes > 0:
+        p.error(f"--minutes={args.minutes}: must be > 0")
     if args.images < args.batch_size:
         p.error(f"--images={args.images} is smaller than --batch-size={args.batch_size}")
     return args
@@ -130,11 +144,11 @@ def build_unet() -> UNet2DConditionModel:
     )
 
 
-def build_scheduler() -> DDPMScheduler:
+def build_scheduler(prediction_type: str = "v_prediction") -> DDPMScheduler:
     # The cosine schedule (Nichol & Dhariwal 2021) keeps more steps at useful noise levels than the
     # linear one at 32×32, where linear destroys the image too early.
     return DDPMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2",
-                         prediction_type="epsilon", clip_sample=True)
+                         prediction_type=prediction_type, clip_sample=True)
 
 
 class EMA:
@@ -157,9 +171,25 @@ class EMA:
 
 
 def learning_rate(args, step: int, progress: float) -> float:
-    """Linear warm-up, then cosine decay to 5% over `progress` ∈ [0, 1] (steps or wall clock)."""
+    """Linear warm-up, then constant, or cosine decay to 5% over `progress` ∈ [0, 1]."""
     warm = min(1.0, (step + 1) / max(1, args.warmup))
+    if args.lr_schedule == "constant":
+        return args.lr * warm
     return args.lr * warm * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+
+
+def diffusion_loss(pred: torch.Tensor, x0: torch.Tensor, noise: torch.Tensor, a: torch.Tensor,
+                   prediction_type: str, snr_gamma: float) -> torch.Tensor:
+    """MSE to the v or ε target, per sample weighted by Min-SNR-γ: with SNR = ᾱ/(1 − ᾱ), the
+    weight min(SNR, γ)/(SNR + 1) for v (min(SNR, γ)/SNR for ε) keeps the nearly clean timesteps
+    from dominating the gradient (Hang et al. 2023, eq. 9 and its v form)."""
+    target = a.sqrt() * noise - (1 - a).sqrt() * x0 if prediction_type == "v_prediction" else noise
+    mse = ((pred.float() - target) ** 2).mean((1, 2, 3))  # (B,)
+    if snr_gamma <= 0:
+        return mse.mean()
+    snr = (a / (1 - a)).view(-1)
+    weight = snr.clamp(max=snr_gamma) / (snr + 1 if prediction_type == "v_prediction" else snr)
+    return (weight * mse).mean()
 
 
 def encode_captions(tokenizer: CLIPTokenizer, captions: list[str]) -> torch.Tensor:
@@ -176,10 +206,8 @@ def draw_batch(data: torch.Tensor, token_ids: torch.Tensor, uncond_ids: torch.Te
     """One batch drawn on the CPU from `gen`: x0 (B, 3, 32, 32) in [-1, 1], ids (B, L), t (B,), ε like x0."""
     idx = torch.randint(len(data), (b,), generator=gen)
     x0 = data[idx].permute(0, 3, 1, 2).float() / 127.5 - 1
-    # Horizontal flips keep every caption true: the shapes are mirror-symmetric, the rotation
-    # range is symmetric, and mirroring maps azimuth a to −a (front stays front, side stays side).
-    flip = torch.rand(b, generator=gen) < 0.5
-    x0 = torch.where(flip[:, None, None, None], x0.flip(-1), x0)
+    # No horizontal flips: mirroring maps azimuth a to −a, which turns a "front right" view into a
+    # "front left" one, so the caption would no longer be true.
     ids = token_ids[idx].clone()
     ids[torch.rand(b, generator=gen) < dropout] = uncond_ids  # "" trains the unconditional branch
     t = torch.randint(0, num_timesteps, (b,), generator=gen)
@@ -188,8 +216,9 @@ def draw_batch(data: torch.Tensor, token_ids: torch.Tensor, uncond_ids: torch.Te
 
 
 def train(args, images: np.ndarray, token_ids: torch.Tensor, uncond_ids: torch.Tensor,
-          unet, text_encoder, scheduler, device) -> dict:
-    """The training loop. Returns the EMA modules and a summary (steps, losses, times)."""
+          unet, text_encoder, scheduler, device, probe=None) -> dict:
+    """The training loop. Returns the EMA modules and a summary (steps, losses, times).
+    `probe(step, ema_unet, ema_text)` is called every --probe-every steps."""
     params = list(unet.parameters()) + list(text_encoder.parameters())
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01)
     ema_unet, ema_text = EMA(unet, args.ema_decay), EMA(text_encoder, args.ema_decay)
@@ -218,7 +247,7 @@ def train(args, images: np.ndarray, token_ids: torch.Tensor, uncond_ids: torch.T
         x_t = a.sqrt() * x0 + (1 - a).sqrt() * noise  # forward process q(x_t | x_0)
         emb = text_encoder(ids)[0]  # (B, L, 64)
         pred = unet(x_t, t, encoder_hidden_states=emb).sample
-        loss = F.mse_loss(pred, noise)  # DDPM "simple" ε-loss
+        loss = diffusion_loss(pred, x0, noise, a, args.prediction_type, args.snr_gamma)
         if not torch.isfinite(loss):
             raise SystemExit(f"loss became {loss.item()} at step {step}; lower --lr (now {args.lr})")
         optimizer.zero_grad(set_to_none=True)
@@ -237,6 +266,9 @@ def train(args, images: np.ndarray, token_ids: torch.Tensor, uncond_ids: torch.T
             history.append((step, smoothed))
             print(f"step {step:6d}  loss {value:.4f}  smoothed {smoothed:.4f}  lr {lr:.2e}  "
                   f"{elapsed / step:.2f} s/step  {elapsed / 60:.1f} min", flush=True)
+        if probe is not None and args.probe_every and step % args.probe_every == 0:
+            probe(step, ema_unet.module, ema_text.module)
+            unet.train(), text_encoder.train()
     wall = time.time() - start
     return {"unet": ema_unet.module, "text_encoder": ema_text.module, "steps": step,
             "final_loss": smooth / (1 - 0.98**max(step, 1)), "train_seconds": wall, "history": history}
@@ -246,23 +278,47 @@ def train(args, images: np.ndarray, token_ids: torch.Tensor, uncond_ids: torch.T
 
 
 @torch.no_grad()
-def sample_grid(unet, text_encoder, tokenizer, scheduler, device, steps: int, guidance: float,
-                seed: int) -> Image.Image:
-    """One DDIM sample per (shape, colour) pair: rows are shapes, columns colours; held-out framed red."""
-    pairs = [(s, c) for s in SHAPES for c in COLOURS]
-    ids = encode_captions(tokenizer, [caption(s, c) for s, c in pairs] + [""]).to(device)
-    emb = text_encoder(ids)[0]  # (P+1, L, D)
-    cond, uncond = emb[:-1], emb[-1:].expand(len(pairs), -1, -1)
-    ddim = DDIMScheduler.from_config(scheduler.config)
+def sample(unet, text_encoder, tokenizer, scheduler, device, captions: list[str], steps: int,
+           guidance: float, seed: int, batch: int = 192) -> np.ndarray:
+    """DDIM samples with classifier-free guidance, one per caption: uint8 (N, 32, 32, 3)."""
+    unet.eval(), text_encoder.eval()
+    ddim = DDIMScheduler.from_config(scheduler.config)  # same betas and prediction type
     ddim.set_timesteps(steps)
     gen = torch.Generator().manual_seed(seed)
-    x = torch.randn(len(pairs), 3, RESOLUTION, RESOLUTION, generator=gen).to(device)
-    for t in ddim.timesteps:
-        eps_u, eps_c = unet(torch.cat([x, x]), t, encoder_hidden_states=torch.cat([uncond, cond])
-                            ).sample.chunk(2)
-        x = ddim.step(eps_u + guidance * (eps_c - eps_u), t, x).prev_sample  # CFG, then a DDIM step
-    tiles = ((x.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
-    return _grid_image(pairs, tiles)
+    noise = torch.randn(len(captions), 3, RESOLUTION, RESOLUTION, generator=gen)
+    out = []
+    for start in range(0, len(captions), batch):
+        ids = encode_captions(tokenizer, captions[start:start + batch] + [""]).to(device)
+        emb = text_encoder(ids)[0]  # (b+1, L, D)
+        cond, uncond = emb[:-1], emb[-1:].expand(len(ids) - 1, -1, -1)
+        x = noise[start:start + batch].to(device)
+        for t in ddim.timesteps:
+            pred_u, pred_c = unet(torch.cat([x, x]), t, encoder_hidden_states=torch.cat([uncond, cond])
+                                  ).sample.chunk(2)
+            x = ddim.step(pred_u + guidance * (pred_c - pred_u), t, x).prev_sample  # CFG, then a DDIM step
+        out.append(((x.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy())
+    return np.concatenate(out)
+
+
+def judge_samples(images: np.ndarray, pairs: list[tuple[str, str]], judge) -> dict:
+    """Fraction of samples whose shape, colour, and both, the 2D judge reads as their caption's;
+    over all pairs, the held-out ones and the seen ones."""
+    shapes, colours = judge.predict(images)
+    held = set(HELD_OUT)
+    rows = [(s == ps, c == pc, (s, c) in held) for (s, c), ps, pc in zip(pairs, shapes, colours)]
+
+    def rate(sel):
+        sel = [r for r in rows if sel(r)]
+        return {"n": len(sel), "shape": round(float(np.mean([r[0] for r in sel])), 3),
+                "colour": round(float(np.mean([r[1] for r in sel])), 3),
+                "both": round(float(np.mean([r[0] and r[1] for r in sel])), 3)} if sel else {}
+
+    return {"all": rate(lambda r: True), "held_out": rate(lambda r: r[2]), "seen": rate(lambda r: not r[2])}
+
+
+def sample_grid(tiles: np.ndarray) -> Image.Image:
+    """The first sample of each (shape, colour) pair: rows are shapes, columns colours."""
+    return _grid_image([(s, c) for s in SHAPES for c in COLOURS], tiles)
 
 
 def _grid_image(pairs, tiles: np.ndarray) -> Image.Image:
@@ -285,7 +341,7 @@ def _grid_image(pairs, tiles: np.ndarray) -> Image.Image:
     return grid
 
 
-def write_card(folder: Path, args, summary: dict, device, data_seconds: float, n_params: dict) -> None:
+def write_card(folder: Path, args, summary: dict, device, data_seconds: float, n_params: dict, rates: dict) -> None:
     held = ", ".join(f"{c} {s}" for s, c in HELD_OUT)
     history = "\n".join(f"| {s} | {l:.4f} |" for s, l in summary["history"])
     command = "HF_HUB_OFFLINE=1 python " + " ".join(shlex.quote(a) for a in sys.argv)
@@ -307,7 +363,7 @@ optionally followed by `, front view` / `, side view` / `, back view` / `, overh
 |---|---|---|
 | unet | UNet2DConditionModel, 3×32×32, channels (32, 64, 96), 1 ResNet per level, cross-attention at 8×8 and mid | {n_params["unet"]:,} |
 | text_encoder | CLIPTextModel, 2 layers, width 64, 4 heads, 16 positions | {n_params["text_encoder"]:,} |
-| scheduler | DDPM, 1000 steps, squaredcos_cap_v2, ε-prediction | – |
+| scheduler | DDPM, 1000 steps, squaredcos_cap_v2, {args.prediction_type} | – |
 
 Weights are the EMA (decay {args.ema_decay}, with warm-up) of both networks, fp32 safetensors.
 
@@ -315,24 +371,40 @@ Weights are the EMA (decay {args.ema_decay}, with warm-up) of both networks, fp3
 
 - Data: {args.images:,} images rendered in {data_seconds:.0f} s (seed {args.seed}); cameras from
   `RandomCameraSampler` defaults (the SDS training distribution), scale U[0.45, 0.6], rotation about z
-  U[−15°, 15°], view suffix on 50% of captions; horizontal flips as augmentation.
+  {ROTATION_RANGE[0]:g}° to {ROTATION_RANGE[1]:g}° (objects face the front), the view suffix (8 sectors of 45°:
+  "front", "front right", "right", …) on 50% of captions; no flips (they would swap left and right).
 - Steps: {summary["steps"]:,} at batch {args.batch_size} (AdamW, lr {args.lr:g}, {args.warmup} warm-up
-  steps, cosine decay; {args.caption_dropout:.0%} caption dropout for classifier-free guidance)
-- Final loss (smoothed): {summary["final_loss"]:.4f}
+  steps, {args.lr_schedule} schedule; {args.caption_dropout:.0%} caption dropout for classifier-free
+  guidance; {args.prediction_type} target, Min-SNR-γ weighting with γ = {args.snr_gamma:g})
+- Final loss (smoothed, weighted): {summary["final_loss"]:.4f}
 - Wall time: {summary["train_seconds"] / 60:.1f} min training + {data_seconds / 60:.1f} min data
 - Device: {device} ({torch.get_num_threads()} threads), torch {torch.__version__}, diffusers {diffusers.__version__}
 - Command: `{command}`
-- Same weights again (step-based schedule): add `--steps {summary["steps"]}` in place of `--minutes`.
-  With `--minutes` the cosine schedule follows the wall clock, so a rerun differs slightly.
+- Same weights again: `--steps {summary["steps"]}` with the same seed (with the constant schedule the
+  first k steps of a longer run are the run of k steps; `--minutes` ends wherever the clock says).
 
 | step | smoothed loss |
 |---|---|
 {history}
 
-## Samples
+## Samples: can it generate?
 
 `samples.png`: DDIM {args.sample_steps} steps, CFG {args.guidance_scale}, one sample per pair
 (rows: shapes, columns: colours), caption without view suffix; held-out pairs framed in red.
+
+{args.eval_samples} samples of each of the 48 captions were judged by `text23d.builtin.judge2d`, a
+nearest-neighbour classifier over 4,800 true renders of the data world (shape by object-mask IoU,
+colour by mean object colour). On fresh true renders that judge reads the shape right
+{rates["judge_on_true_renders"]["shape_accuracy"]:.1%} and the colour {rates["judge_on_true_renders"]["colour_accuracy"]:.1%} of the time.
+Fraction of samples it reads as their caption (`samples.json`):
+
+| captions | samples | shape | colour | both |
+|---|---|---|---|---|
+| all 48 | {rates["all"]["n"]} | {rates["all"]["shape"]:.1%} | {rates["all"]["colour"]:.1%} | {rates["all"]["both"]:.1%} |
+| 42 seen | {rates["seen"]["n"]} | {rates["seen"]["shape"]:.1%} | {rates["seen"]["colour"]:.1%} | {rates["seen"]["both"]:.1%} |
+| 6 held out | {rates["held_out"]["n"]} | {rates["held_out"]["shape"]:.1%} | {rates["held_out"]["colour"]:.1%} | {rates["held_out"]["both"]:.1%} |
+
+Chance is 1/6 for the shape, 1/8 for the colour.
 
 ## Evaluation
 
@@ -403,20 +475,46 @@ def main(argv=None) -> Path:
     uncond_ids = encode_captions(tokenizer, [""])[0]
     torch.manual_seed(args.seed)  # the initial weights depend on the seed only
     text_encoder, unet = build_text_encoder(tokenizer).to(device), build_unet().to(device)
-    scheduler = build_scheduler()
+    scheduler = build_scheduler(args.prediction_type)
     n_params = {name: sum(p.numel() for p in m.parameters())
                 for name, m in (("unet", unet), ("text_encoder", text_encoder))}
     print(f"parameters: unet {n_params['unet']:,}, text encoder {n_params['text_encoder']:,}", flush=True)
 
-    summary = train(args, images, token_ids, uncond_ids, unet, text_encoder, scheduler, device)
+    from text23d.builtin.judge2d import ImageJudge
+
+    judge = ImageJudge()
+    pairs = [(s, c) for s in SHAPES for c in COLOURS]
+
+    def evaluate(unet_, text_, per_pair: int) -> tuple[np.ndarray, dict]:
+        wanted = pairs * per_pair  # the first len(pairs) are one sample of every pair
+        images_ = sample(unet_, text_, tokenizer, scheduler, device, [caption(s, c) for s, c in wanted],
+                         args.sample_steps, args.guidance_scale, seed=args.seed)
+        return images_, judge_samples(images_, wanted, judge)
+
+    def probe(step: int, unet_, text_) -> None:
+        """Judge 2 samples a pair and keep the weights, so a good step count can be chosen later."""
+        t = time.time()
+        folder = out.with_name(out.name + ".probes") / f"step{step:06d}"
+        shutil.rmtree(folder, ignore_errors=True)
+        shutil.copytree(staging / "tokenizer", folder / "tokenizer")
+        write_vocabulary(folder)
+        save_folder(folder, unet_, text_, scheduler)
+        images_, rates = evaluate(unet_, text_, 2)
+        sample_grid(images_[:len(pairs)]).save(folder / "samples.png")
+        (folder / "samples.json").write_text(json.dumps(rates, indent=2))
+        print(f"probe step {step}: {json.dumps(rates)} ({time.time() - t:.0f} s)", flush=True)
+
+    summary = train(args, images, token_ids, uncond_ids, unet, text_encoder, scheduler, device, probe)
     print(f"trained {summary['steps']} steps in {summary['train_seconds'] / 60:.1f} min, "
           f"final smoothed loss {summary['final_loss']:.4f}", flush=True)
 
     save_folder(staging, summary["unet"], summary["text_encoder"], scheduler)
-    grid = sample_grid(summary["unet"], summary["text_encoder"], tokenizer, scheduler, device,
-                       args.sample_steps, args.guidance_scale, seed=args.seed)
-    grid.save(staging / "samples.png")
-    write_card(staging, args, summary, device, data_seconds, n_params)
+    images_, rates = evaluate(summary["unet"], summary["text_encoder"], args.eval_samples)
+    rates["judge_on_true_renders"] = judge.self_test()
+    print(f"samples: {json.dumps(rates)}", flush=True)
+    sample_grid(images_[:len(pairs)]).save(staging / "samples.png")
+    (staging / "samples.json").write_text(json.dumps(rates, indent=2) + "\n")
+    write_card(staging, args, summary, device, data_seconds, n_params, rates)
     replace_folder(staging, out)
     size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
     print(f"wrote {out} ({size / 2**20:.1f} MiB)", flush=True)

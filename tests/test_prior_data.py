@@ -71,7 +71,7 @@ def test_vocabulary_and_captions():
     assert caption("torus", "black", "overhead") == "a black torus, overhead view"
     for s in SHAPES:
         for c in COLOURS:
-            for view in (None, "front", "side", "back", "overhead"):
+            for view in (None, "front", "front right", "right", "back left", "overhead"):
                 assert set(caption(s, c, view).replace(",", " ").split()) <= set(words)
     with pytest.raises(ConfigError, match="'dodecahedron'"):
         caption("dodecahedron", "red")
@@ -154,11 +154,11 @@ def test_shape_ids_by_name_or_index_and_clear_errors():
 
 
 def expected_view(elevation: float, azimuth: float) -> str:
-    """The view-suffix rule, written out independently of the code under test."""
+    """The view-suffix rule (8 sectors of 45°, "right" at +90°), written out independently of the code."""
     if elevation > 60:
         return "overhead"
-    azimuth = (azimuth + 180) % 360 - 180
-    return "front" if abs(azimuth) <= 45 else "back" if abs(azimuth) >= 135 else "side"
+    names = ["front", "front right", "right", "back right", "back", "back left", "left", "front left"]
+    return names[min(range(8), key=lambda k: abs((azimuth - 45 * k + 180) % 360 - 180))]  # nearest centre
 
 
 @pytest.fixture(scope="module")
@@ -182,11 +182,11 @@ def test_dataset_captions_match_the_renders(dataset):
         assert inner.sum() >= 4, i
         assert nearest_colour(img[inner].mean(dim=0)) == colour, (i, text)
     assert 0.3 < sum(meta["suffix"]) / 96 < 0.7  # about half the captions carry the view
-    assert {"front", "side", "back"} <= set(meta["view"])
+    assert {"front", "front right", "right", "back", "left"} <= set(meta["view"])
     # Default training-camera ranges and the object draws.
     assert meta["elevation"].min() >= -10 and meta["elevation"].max() <= 45
     assert meta["scale"].min() >= 0.45 and meta["scale"].max() <= 0.6
-    assert meta["rotation"].abs().max() <= 15
+    assert meta["rotation"].abs().max() == 0  # objects face the front exactly (data.ROTATION_RANGE)
 
 
 def test_dataset_is_deterministic_and_leaves_global_rng_alone(dataset):

@@ -98,3 +98,20 @@ def test_corrupt_cache_file_is_recomputed(tiny_pixel_model, tmp_path):
     with pytest.warns(UserWarning, match="unreadable"):
         pp.prepare(fresh)
     assert text_close(pp(0, 0)[0][0], fresh.encode_text(["a cube"])[0])
+
+
+@pytest.mark.parametrize("azimuth, direction", [
+    (0, "front"), (22, "front"), (23, "front right"), (67, "front right"), (90, "right"), (112, "right"),
+    (135, "back right"), (170, "back"), (-170, "back"), (-135, "back left"), (-90, "left"), (-30, "front left"),
+    (350, "front"), (400, "front right"),
+])
+def test_eight_view_sectors(azimuth, direction):
+    pp = PromptProcessor("a cube", view_sectors=8)
+    assert pp.directions(0, azimuth) == [direction]
+    assert pp.directions(80, azimuth) == ["overhead"]
+    assert pp.prompts_for(0, azimuth) == [f"a cube, {direction} view"]
+
+
+def test_view_sectors_must_be_4_or_8():
+    with pytest.raises(ConfigError, match="view_sectors=6"):
+        PromptProcessor("a cube", view_sectors=6)

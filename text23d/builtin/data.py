@@ -24,7 +24,7 @@ from torch import Tensor
 
 from text23d.cameras.sampler import Cameras, RandomCameraSampler, get_rays
 from text23d.errors import ConfigError
-from text23d.prompts.processor import DIRECTIONS, PromptProcessor
+from text23d.prompts.processor import PromptProcessor, directions_of
 
 SHAPES = ("sphere", "cube", "cylinder", "cone", "torus", "pyramid")  # also the caption words
 # Saturated colours that read clearly on white. Black is a dark grey so its shading stays visible.
@@ -41,7 +41,13 @@ COLOURS: dict[str, tuple[float, float, float]] = {
 AMBIENT = 0.35  # shade = colour · (AMBIENT + (1 − AMBIENT) · max(0, n·l))
 BOUND = 1.25  # every shape lies inside a ball of radius BOUND (in units of its scale)
 SCALE_RANGE = (0.45, 0.60)
-ROTATION_RANGE = (-15.0, 15.0)  # degrees about z; small so that "front view" stays meaningful
+# The objects face the front (+x) exactly, and captions name the view in 8 sectors of 45°: "front"
+# is then a face of a cube, "front right" its corner. With 4 wide sectors and objects turned by up
+# to ±15°, "front view" showed faces and corners alike, and SDS settled on round barrels that
+# look equally cube-like from every side.
+ROTATION_RANGE = (0.0, 0.0)  # degrees about z
+VIEW_SECTORS = 8  # prior=builtin sets system.prompt_processor.view_sectors to the same
+DIRECTIONS = directions_of(VIEW_SECTORS)
 SUFFIX_PROBABILITY = 0.5  # half the captions carry the camera's view suffix
 
 
@@ -64,7 +70,8 @@ HELD_OUT: tuple[tuple[str, str], ...] = tuple(held_out_pairs())
 
 def vocabulary() -> list[str]:
     """Every word a caption can contain; each becomes one token of the prior's tokenizer."""
-    return ["a", *COLOURS, *SHAPES, *DIRECTIONS, "view"]
+    words = [w for d in DIRECTIONS for w in d.split()]
+    return list(dict.fromkeys(["a", *COLOURS, *SHAPES, *words, "view"]))
 
 
 # Words that carry no meaning for this world, read as the article the captions use.
@@ -91,7 +98,7 @@ def caption(shape: str, colour: str, view: str | None = None) -> str:
 def view_directions(elevation_deg, azimuth_deg) -> list[str]:
     """The view word per camera, by the same rule view-dependent prompting uses in SDS training."""
     # Reusing PromptProcessor's rule (not a copy) keeps training captions and SDS prompts in sync.
-    return PromptProcessor("a").directions(elevation_deg, azimuth_deg)
+    return PromptProcessor("a", view_sectors=VIEW_SECTORS).directions(elevation_deg, azimuth_deg)
 
 
 def _check_names(shapes: Iterable[str], colours: Iterable[str]) -> None:

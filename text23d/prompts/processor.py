@@ -24,7 +24,13 @@ from safetensors.torch import load_file, save_file
 
 from text23d.errors import ConfigError
 
-DIRECTIONS = ("front", "side", "back", "overhead")
+DIRECTIONS = ("front", "side", "back", "overhead")  # view_sectors=4: DreamFusion's
+# view_sectors=8: a word per 45° of azimuth, centred on the front (0°), right (+90°), back, left.
+DIRECTIONS_8 = ("front", "front right", "right", "back right", "back", "back left", "left", "front left", "overhead")
+
+
+def directions_of(view_sectors: int) -> tuple[str, ...]:
+    return DIRECTIONS if view_sectors == 4 else DIRECTIONS_8
 # A prior folder may list the only words it was trained on (the built-in prior does); see
 # PromptProcessor.check_vocabulary.
 VOCABULARY_FILE = "vocabulary.json"
@@ -55,6 +61,7 @@ class PromptProcessor:
         front_threshold: float = 45.0,
         back_threshold: float = 45.0,
         overhead_threshold: float = 60.0,
+        view_sectors: int = 4,
         cache_dir: str | None = None,
     ):
         if not isinstance(prompt, str) or not prompt.strip():
@@ -64,6 +71,9 @@ class PromptProcessor:
                 f"front_threshold={front_threshold}, back_threshold={back_threshold} are invalid: each "
                 "must be >= 0 and their sum <= 180 degrees. Fix: front_threshold=45, back_threshold=45"
             )
+        if view_sectors not in (4, 8):
+            raise ConfigError(f"view_sectors={view_sectors!r}: use 4 (front/side/back, DreamFusion's) or 8 "
+                              "(a word per 45° of azimuth). Fix: system.prompt_processor.view_sectors=4")
         if not 0 <= overhead_threshold <= 90:
             raise ConfigError(
                 f"overhead_threshold={overhead_threshold} must be within [0, 90] degrees of elevation. "
@@ -77,15 +87,17 @@ class PromptProcessor:
         self.front_threshold = float(front_threshold)
         self.back_threshold = float(back_threshold)
         self.overhead_threshold = float(overhead_threshold)
+        self.view_sectors = view_sectors
+        self.views = directions_of(view_sectors)
         self.cache_dir = cache_dir
-        self._cond = None  # (4, L, D): one embedding per direction, in DIRECTIONS order
+        self._cond = None  # (directions, L, D): one embedding per direction, in self.views order
         self._uncond = None  # (1, L, D)
 
     # --- which prompt for which camera ------------------------------------------------------
 
     def directions(self, elevation_deg, azimuth_deg) -> list[str]:
-        """One of DIRECTIONS per camera; azimuth 0 is the front, angles in degrees."""
-        return [DIRECTIONS[i] for i in self._direction_ids(elevation_deg, azimuth_deg).tolist()]
+        """One of self.views per camera; azimuth 0 is the front, angles in degrees."""
+        return [self.views[i] for i in self._direction_ids(elevation_deg, azimuth_deg).tolist()]
 
     def prompts_for(self, elevation_deg, azimuth_deg) -> list[str]:
         return [self._texts()[i] for i in self._direction_ids(elevation_deg, azimuth_deg).tolist()]
@@ -98,16 +110,19 @@ class PromptProcessor:
         if not self.view_dependent:
             return torch.zeros_like(azimuth, dtype=torch.long)
         azimuth = torch.remainder(azimuth + 180.0, 360.0) - 180.0  # wrap to [-180, 180): 190 -> -170
-        ids = torch.ones_like(azimuth, dtype=torch.long)  # side unless front/back below
-        ids[azimuth.abs() <= self.front_threshold] = 0
-        ids[azimuth.abs() >= 180.0 - self.back_threshold] = 2
-        ids[elevation > self.overhead_threshold] = 3  # looking down: the azimuth says little
+        if self.view_sectors == 8:  # sector k is centred on k·45°: (k·45 − 22.5, k·45 + 22.5]
+            ids = torch.remainder(torch.ceil((azimuth - 22.5) / 45.0), 8).long()
+        else:
+            ids = torch.ones_like(azimuth, dtype=torch.long)  # side unless front/back below
+            ids[azimuth.abs() <= self.front_threshold] = 0
+            ids[azimuth.abs() >= 180.0 - self.back_threshold] = 2
+        ids[elevation > self.overhead_threshold] = len(self.views) - 1  # looking down: the azimuth says little
         return ids
 
     def _texts(self) -> list[str]:
         if not self.view_dependent:
-            return [self._encoded_prompt] * len(DIRECTIONS)
-        return [f"{self._encoded_prompt}, {d} view" for d in DIRECTIONS]
+            return [self._encoded_prompt] * len(self.views)
+        return [f"{self._encoded_prompt}, {d} view" for d in self.views]
 
     # --- vocabulary ---------------------------------------------------------------------------
 
@@ -148,7 +163,7 @@ class PromptProcessor:
                 found[text] = emb
                 self._save(cache, prior, text, emb)
         found = {text: emb.to(prior.device) for text, emb in found.items()}
-        self._cond = torch.stack([found[text] for text in self._texts()])  # (4, L, D)
+        self._cond = torch.stack([found[text] for text in self._texts()])  # (directions, L, D)
         self._uncond = found[self._encoded_negative][None]  # (1, L, D)
 
     def __call__(self, elevation_deg, azimuth_deg) -> tuple[torch.Tensor, torch.Tensor]:
