@@ -27,7 +27,7 @@ def test_two_particles_are_exported_separately_and_differ(tiny_pixel_model, tmp_
     assert a["particles"][0]["video"] != a["particles"][1]["video"]
     assert Path(a["grid"]).name.endswith("-particles.png") and Path(a["lora"]).is_file()
     state = torch.load(tmp_path / "run/ckpts/last.ckpt", weights_only=True)["state_dict"]
-    g0, g1 = state["particles.0.geometry.density_grid"], state["particles.1.geometry.density_grid"]
+    g0, g1 = state["stages.0.particles.0.geometry.density_grid"], state["stages.0.particles.1.geometry.density_grid"]
     assert not torch.equal(g0, g1), "particles must differ"
     lora = load_file(a["lora"])
     # the LoRA trained: peft's B matrices and the camera MLP's last layer start at zero

@@ -28,13 +28,15 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
 
 class PeriodicCheckpoint(L.Callback):
-    """`last.ckpt` every `every_n_train_steps` steps (0: only at the end) and when training ends."""
+    """`last.ckpt` every `every_n_train_steps` steps (0: only at the end), at the end of every stage
+    (a run killed at a boundary resumes into the next stage), and when training ends."""
 
     def __init__(self, path: Path, every_n_train_steps: int):
         self.path, self.every = Path(path), every_n_train_steps
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if self.every and trainer.global_step % self.every == 0:
+        step = trainer.global_step
+        if (self.every and step % self.every == 0) or step in getattr(pl_module, "stage_ends", [])[:-1]:
             trainer.save_checkpoint(self.path, weights_only=False)
 
     def on_train_end(self, trainer, pl_module) -> None:

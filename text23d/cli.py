@@ -114,6 +114,8 @@ def rewrite_argv(argv: list[str]) -> tuple[list[str], int]:
             out.append(f"{key}={','.join(literal(t) for t in texts)}")
         elif sep and key == "prompt_file":
             prompt_file = value
+        elif sep and key == "init_from" and value:
+            out.append(f"init_from={literal(value)}")
         elif sep and key in ("resume", "export") and value:
             out.append(f"resume={literal(value)}" if key == "resume" else f"export.ckpt={literal(value)}")
             run_dir = run_dir_of(find_checkpoint(value))

@@ -80,7 +80,8 @@ def validate(cfg: DictConfig) -> None:
                           "common range). Fix: e.g. seed=0")
     if not isinstance(cfg.get("deterministic"), bool):
         raise ConfigError(f"deterministic={cfg.get('deterministic')!r}: must be true or false")
-    _positive_int(cfg.trainer.max_steps, "trainer.max_steps")
+    if cfg.trainer.max_steps is not None:  # null: the sum of the stages' own steps
+        _positive_int(cfg.trainer.max_steps, "trainer.max_steps")
     _positive_int(cfg.checkpoint.every_n_train_steps, "checkpoint.every_n_train_steps", 0)
     _positive_int(cfg.validation.every_n_steps, "validation.every_n_steps", 0)
     _positive_int(cfg.system.batch_size, "system.batch_size")

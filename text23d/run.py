@@ -18,9 +18,10 @@ from omegaconf.errors import OmegaConfBaseException
 from text23d import config as tconfig
 from text23d.checkpoint import (AtomicCheckpointIO, PeriodicCheckpoint, find_checkpoint,
                                 load_checkpoint_file, run_dir_of)
-from text23d.errors import ConfigError
+from text23d.errors import CheckpointError, ConfigError
 from text23d.export.artifacts import export_artifacts
 from text23d.fileio import write_text_atomic
+from text23d.systems import init_from
 
 log = logging.getLogger("text23d")
 
@@ -35,6 +36,7 @@ def run(cfg: DictConfig, overrides: list[str] | None = None, callbacks: list | N
     tconfig.validate(cfg)
     if not cfg.get("output_dir"):
         raise ConfigError("output_dir is not set: pass output_dir=/some/folder (the CLI sets it for you)")
+    cfg, source = init_from.prepare(cfg) if not ckpt_path else (cfg, None)
     out_dir = Path(cfg.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     write_text_atomic(out_dir / "config.yaml", tconfig.resolved_yaml(cfg))
@@ -44,7 +46,8 @@ def run(cfg: DictConfig, overrides: list[str] | None = None, callbacks: list | N
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True)
     system = build_system(cfg)
-    trainer = build_trainer(cfg, out_dir, callbacks or [], start_step)
+    init_from.apply(system, source)
+    trainer = build_trainer(cfg, out_dir, callbacks or [], start_step, sum(system.stage_steps))
     start = time.time()
     with warnings.catch_warnings():
         # Our loader yields step indices only (cameras are drawn in the step, RNG restored from the
@@ -56,6 +59,7 @@ def run(cfg: DictConfig, overrides: list[str] | None = None, callbacks: list | N
                     trainer.global_step, out_dir)
     train_time = time.time() - start
     exported = export_artifacts(system, out_dir, trainer.global_step)
+    system.end_stage(system.stage_index, outputs=exported["artifacts"])
     if getattr(system, "lora", None) is not None:
         exported["artifacts"]["lora"] = system.save_lora(out_dir / "ckpts" / "lora.safetensors")
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
@@ -64,6 +68,7 @@ def run(cfg: DictConfig, overrides: list[str] | None = None, callbacks: list | N
         "resumed_from": str(ckpt_path) if ckpt_path else None,
         "wall_time_s": round(time.time() - start, 2), "train_time_s": round(train_time, 2),
         "final_loss": metrics.get("train/loss"), "metrics": {**metrics, **exported["metrics"]},
+        "stages": system.stage_log,
         "artifacts": {**exported["artifacts"], "checkpoint": str(out_dir / "ckpts" / "last.ckpt"),
                       "config": str(out_dir / "config.yaml"),
                       "validation_images": sorted(str(p) for p in (out_dir / "save").glob("*-val.png")),
@@ -83,7 +88,7 @@ def build_system(cfg: DictConfig):
                           "Check the keys you overrode (text23d --cfg job shows the config).") from None
 
 
-def build_trainer(cfg: DictConfig, out_dir: Path, callbacks: list, start_step: int = 0) -> L.Trainer:
+def build_trainer(cfg: DictConfig, out_dir: Path, callbacks: list, start_step: int, total_steps: int) -> L.Trainer:
     from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
     from text23d.progress import StepProgressBar
@@ -93,7 +98,8 @@ def build_trainer(cfg: DictConfig, out_dir: Path, callbacks: list, start_step: i
     # A resumed run logs CSV into a new version folder: the CSV logger rewrites its file.
     loggers = [TensorBoardLogger(out_dir / "logs", name="tensorboard", version=""),
                CSVLogger(out_dir / "logs", name="csv", version=f"resumed-{start_step}" if start_step else "")]
-    return L.Trainer(**OmegaConf.to_container(cfg.trainer, resolve=True), deterministic=cfg.deterministic,
+    options = {**OmegaConf.to_container(cfg.trainer, resolve=True), "max_steps": total_steps}  # all stages
+    return L.Trainer(**options, deterministic=cfg.deterministic,
                      default_root_dir=out_dir, logger=loggers, callbacks=[ckpt, *bar, *callbacks],
                      plugins=[AtomicCheckpointIO()], enable_checkpointing=False,
                      limit_val_batches=0, num_sanity_val_steps=0, max_epochs=-1,
@@ -105,6 +111,7 @@ def resume_config(cfg: DictConfig, overrides: list[str]) -> tuple[DictConfig, Pa
     (e.g. trainer.max_steps=20000 to extend it). Output goes to the original run folder."""
     ckpt = find_checkpoint(cfg.resume)
     data = load_checkpoint_file(ckpt)
+    _check_version(ckpt, data)
     saved = OmegaConf.create(data["text23d"]["config"])
     OmegaConf.set_struct(saved, True)
     extra = [o for o in overrides if not o.lstrip("+").startswith(("resume=", "hydra.", "output_dir=", "export."))]
@@ -139,10 +146,17 @@ def _parse_overrides(overrides: list[str]) -> list[tuple[str, object, bool]]:
     return out
 
 
+def _check_version(ckpt: Path, data: dict) -> None:
+    if "stage_started" not in data["state_dict"]:
+        raise CheckpointError(f"'{ckpt}' was written by a text23d before systems had stages; its weights do not "
+                              "fit this version. Fix: re-run it, or export it with the version that made it")
+
+
 def load_system(ckpt_or_dir, export_overrides: dict | None = None):
     """The trained system of a checkpoint (no diffusion model loaded), its step and run folder."""
     ckpt = find_checkpoint(ckpt_or_dir)
     data = load_checkpoint_file(ckpt)
+    _check_version(ckpt, data)
     saved = OmegaConf.create(data["text23d"]["config"])
     OmegaConf.set_struct(saved, False)
     if export_overrides:

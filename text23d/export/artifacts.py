@@ -5,6 +5,7 @@ import logging
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from text23d.config import export_formats
 from text23d.export.mesh import extract_mesh, save_mesh, surface_colors, to_rgb8
@@ -14,18 +15,26 @@ from text23d.export.video import make_grid, save_image, save_video, to_uint8
 log = logging.getLogger("text23d")
 
 
-def export_artifacts(system, out_dir: Path, step: int) -> dict:
+def export_views(system, out_dir: Path, step: int) -> dict:
+    """The turntable and views of the stage a system is in, without a mesh: what a stage that
+    hands over to the next leaves behind."""
+    return export_artifacts(system, out_dir, step, mesh=False)["artifacts"]
+
+
+def export_artifacts(system, out_dir: Path, step: int, mesh: bool = True) -> dict:
     """Video + grid of the evaluation orbit and the mesh of every particle, under `out_dir/save/`.
     Needs only the 3D representation (no diffusion model): the same from a live run or a checkpoint.
     One particle: save/it<N>-test.{mp4,png}, save/it<N>-export/model.{obj,glb}. Several: the same
-    with a -particle<i> / particle<i> tag each, and save/it<N>-particles.png side by side."""
+    with a -particle<i> / particle<i> tag each, and save/it<N>-particles.png side by side. A system
+    of several stages prefixes each name with the stage that made it (save/fine-it<N>-test.mp4)."""
     save = Path(out_dir) / "save"
     system.eval()
     n = len(system.particles)
+    stage = system.stage_tag()
     artifacts, metrics, rows = {}, {}, []
     for i in range(n):
         tag = "" if n == 1 else f"-particle{i}"
-        a, m, views = _export_particle(system, i, save, step, tag)
+        a, m, views = _export_particle(system, i, save, step, tag, stage, mesh)
         rows.append([to_uint8(v["rgb"]) for v in views])
         if n == 1:
             artifacts, metrics = a, m
@@ -35,20 +44,25 @@ def export_artifacts(system, out_dir: Path, step: int) -> dict:
     if n > 1:
         grid = make_grid([t for row in rows for t in row], ncol=len(rows[0]),
                          labels=[f"particle {i}" if j == 0 else "" for i, row in enumerate(rows) for j in range(len(row))])
-        artifacts["grid"] = save_image(grid, save / f"it{step:06d}-particles.png")
+        artifacts["grid"] = save_image(grid, save / f"{stage}it{step:06d}-particles.png")
         artifacts.update({k: v for k, v in artifacts["particles"][0].items() if k != "grid"})
     return {"artifacts": artifacts, "metrics": metrics}
 
 
-def _export_particle(system, i: int, save: Path, step: int, tag: str) -> tuple[dict, dict, list]:
+def _export_particle(system, i: int, save: Path, step: int, tag: str, stage: str,
+                     mesh: bool) -> tuple[dict, dict, list]:
     ex = system.cfg.export
     particle, radius = system.particles[i], system.renderer.radius
     views = system.render_views(system.camera_sampler.orbit(ex.video_views), ex.video_resolution, particle=i)
     frames = [to_uint8(np.concatenate([v["rgb"], v["normal"]], axis=1)) for v in views]  # rgb | normals
-    artifacts = {"video": save_video(frames, save / f"it{step:06d}{tag}-test.mp4", fps=ex.fps)}
+    artifacts = {"video": save_video(frames, save / f"{stage}it{step:06d}{tag}-test.mp4", fps=ex.fps)}
     picks = views[:: max(1, len(views) // 8)][:8]
     artifacts["grid"] = save_image(make_grid([to_uint8(v["rgb"]) for v in picks], ncol=8),
-                                   save / f"it{step:06d}{tag}-test.png")
+                                   save / f"{stage}it{step:06d}{tag}-test.png")
+    if not mesh:
+        return {k: str(v) for k, v in artifacts.items()}, {}, picks
+    if hasattr(particle.geometry, "mesh"):  # a mesh geometry exports its own surface: no level to choose
+        return _export_own_mesh(system, particle, save, step, tag, stage, artifacts, picks, i)
     threshold, metrics = ex.isosurface_threshold, {}
     if threshold == "auto":
         threshold, iou = auto_threshold(particle.geometry, system.camera_sampler.orbit(8), radius)
@@ -61,8 +75,25 @@ def _export_particle(system, i: int, save: Path, step: int, tag: str) -> tuple[d
     rgba[:, :3] = to_rgb8(surface_colors(geometry.density, geometry.albedo, mesh, radius, start=2 * voxel))
     mesh.visual.vertex_colors = rgba
     stem = "model" if not tag else f"particle{i}"
-    paths = save_mesh(mesh, save / f"it{step:06d}-export", stem, export_formats(system.cfg))
+    paths = save_mesh(mesh, save / f"{stage}it{step:06d}-export", stem, export_formats(system.cfg))
     artifacts.update({f"mesh_{fmt}": p for fmt, p in paths.items()})
     metrics.update({"isosurface_threshold": float(threshold), "mesh_vertices": len(mesh.vertices),
                     "mesh_faces": len(mesh.faces)})
+    return {k: str(v) for k, v in artifacts.items()}, metrics, picks
+
+
+@torch.no_grad()
+def _export_own_mesh(system, particle, save, step, tag, stage, artifacts, picks, i):
+    """A mesh geometry (DMTet): its marching-tetrahedra surface, coloured by its albedo field at
+    the vertices, which are on the surface the rasteriser shows."""
+    import trimesh
+
+    verts, faces = particle.geometry.mesh()
+    rgba = np.full((len(verts), 4), 255, np.uint8)
+    rgba[:, :3] = to_rgb8(torch.cat([particle.geometry.albedo(v) for v in verts.split(65536)]).cpu().numpy())
+    mesh = trimesh.Trimesh(verts.cpu().numpy(), faces.cpu().numpy(), vertex_colors=rgba, process=False)
+    stem = "model" if not tag else f"particle{i}"
+    paths = save_mesh(mesh, save / f"{stage}it{step:06d}-export", stem, export_formats(system.cfg))
+    artifacts.update({f"mesh_{fmt}": p for fmt, p in paths.items()})
+    metrics = {"mesh_vertices": len(mesh.vertices), "mesh_faces": len(mesh.faces)}
     return {k: str(v) for k, v in artifacts.items()}, metrics, picks

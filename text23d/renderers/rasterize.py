@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from text23d.cameras.sampler import Cameras
+from text23d.geometry.mesh_ops import mesh_edges
 
 
 def project(verts: Tensor, cams: Cameras, height: int, width: int) -> tuple[Tensor, Tensor]:
@@ -107,23 +108,6 @@ def interpolate(attr: Tensor, faces: Tensor, face_id: Tensor, bary: Tensor) -> T
     return values * (face_id >= 0)[..., None]
 
 
-def mesh_edges(faces: Tensor) -> tuple[Tensor, Tensor]:
-    """Unique edges (E, 2) and, per edge, its two faces' third vertices (E, 2); -1 where an edge
-    has only one face (a boundary). Edges shared by more than two faces keep two of them."""
-    faces = faces.long()
-    corners = faces[:, [0, 1, 1, 2, 2, 0]].view(-1, 2)  # (3F, 2): each face's edges
-    opposite = faces[:, [2, 0, 1]].reshape(-1)  # the vertex not on that edge
-    key = torch.sort(corners, dim=1).values
-    edges, inverse = torch.unique(key, dim=0, return_inverse=True)
-    third = torch.full((len(edges), 2), -1, dtype=torch.long, device=faces.device)
-    order = torch.argsort(inverse, stable=True)
-    first = torch.ones(len(order), dtype=torch.bool, device=faces.device)
-    first[1:] = inverse[order[1:]] != inverse[order[:-1]]
-    slot = (~first).long()  # 0 for an edge's first face, 1 for its second
-    third[inverse[order], slot] = opposite[order]
-    return edges, third
-
-
 def silhouette_alpha(verts: Tensor, faces: Tensor, cams: Cameras, face_id: Tensor, band: float = 1.0) -> Tensor:
     """Coverage (B, H, W) in [0, 1] that is the hard mask away from the silhouette and blends
     across it: 0.5 ± 0.5·f(d/band), d the pixel centre's distance (in pixels) to the nearest
@@ -136,7 +120,7 @@ def silhouette_alpha(verts: Tensor, faces: Tensor, cams: Cameras, face_id: Tenso
     consistent winding. Edges hidden behind the visible surface at a pixel are ignored there."""
     B, height, width = face_id.shape
     hard = (face_id >= 0).float()
-    edges, third = mesh_edges(faces)
+    edges, _, third = mesh_edges(faces)
     xy, depth = project(verts, cams, height, width)  # (B, V, 2), (B, V) with grad
     a, b = xy[:, edges[:, 0]], xy[:, edges[:, 1]]  # (B, E, 2)
     s0 = _edge(a, b, xy[:, third[:, 0].clamp(min=0)])

@@ -37,9 +37,10 @@ def shade(albedo: Tensor, normals: Tensor | None, points: Tensor, light: Tensor,
 class VolumeRenderer(nn.Module):
     needs = frozenset({"density", "albedo"})  # from the geometry (systems/parts.py)
     provides = frozenset({"rgb", "opacity", "depth", "sample_weights", "normals"})
+    normals_from_geometry = True
 
     def __init__(self, radius: float = 1.0, num_samples: int = 64, ambient: float = 0.1,
-                 diffuse: float = 0.9, skip_weight: float = 1e-4):
+                 diffuse: float = 0.9, skip_weight: float = 1e-4, occupancy: dict | None = None):
         super().__init__()
         if num_samples < 1:
             raise ConfigError(f"renderer.num_samples={num_samples}: must be ≥ 1 (typical: 64)")
@@ -49,9 +50,21 @@ class VolumeRenderer(nn.Module):
         self.radius, self.num_samples = radius, num_samples
         self.ambient, self.diffuse = ambient, diffuse
         self.skip_weight = skip_weight
+        self.occupancy = dict(occupancy) if occupancy else None  # settings of each particle's grid
+
+    def make_occupancy(self):
+        """A fresh occupancy grid for one particle (renderers/occupancy.py), or None if off."""
+        from text23d.renderers.occupancy import OccupancyGrid
+
+        return None if self.occupancy is None else OccupancyGrid(radius=self.radius, **self.occupancy)
+
+    @property
+    def sample_spacing(self) -> float:
+        """The longest distance between samples (a ray through the centre), for the occupancy test."""
+        return 2 * self.radius / self.num_samples
 
     def forward(self, geometry, background, cams: Cameras, height: int, width: int,
-                shading: str = "albedo", need_normals: bool = False, jitter: bool = False) -> dict:
+                shading: str = "albedo", need_normals: bool = False, jitter: bool = False, occupancy=None) -> dict:
         """Render B views. Returns comp_rgb (B,H,W,3), opacity/depth (B,H,W,1), comp_normal
         (B,H,W,3) when normals are needed, and per-sample `weights`/`normals`/`dirs` for losses."""
         if shading not in SHADINGS:
@@ -71,7 +84,11 @@ class VolumeRenderer(nn.Module):
         # Density everywhere (it decides the weights); colour and normals only where a sample's
         # weight reaches skip_weight. Empty space and samples behind the surface are skipped:
         # their colour could change the image by < skip_weight each.
-        density = geometry.density(flat)
+        if occupancy is None:
+            density = geometry.density(flat)
+        else:  # samples in empty cells never reach the field
+            live = occupancy.lookup(flat)
+            density = flat.new_zeros(flat.shape[0]).index_put((live,), geometry.density(flat[live]))
         alpha = 1.0 - torch.exp(-density.view(-1, n) * delta)  # (R, n)
         alpha = alpha * hit[:, None]
         trans = torch.cumprod(torch.cat([torch.ones_like(alpha[:, :1]), 1.0 - alpha + 1e-10], 1), 1)[:, :-1]

@@ -7,6 +7,7 @@ state dict: checkpoints hold the 3D representation (and, for VSD, the LoRA), not
 from __future__ import annotations
 
 import logging
+import time
 from pathlib import Path
 
 import lightning as L
@@ -17,9 +18,10 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from text23d.errors import ConfigError
+from text23d.errors import ConfigError, Text23dError
 from text23d.export.video import make_grid, save_image, to_uint8
 from text23d.systems import losses, parts
+from text23d.systems.stages import Particle, Stage, allocate_steps, stage_configs, start_from
 
 log = logging.getLogger("text23d")
 
@@ -48,46 +50,79 @@ class StepDataset(Dataset):
         return i
 
 
-class Particle(nn.Module):
-    """One 3D representation being optimised: a geometry (density + albedo) and its background."""
-
-    def __init__(self, geometry: nn.Module, background: nn.Module):
-        super().__init__()
-        self.geometry, self.background = geometry, background
-
-
 class BaseSystem(L.LightningModule):
-    """Builds the parts, checks that they fit (systems/parts.py), and runs the training step:
-    for each particle, render a batch of views, let the guidance score them, add the regularisers.
-    Subclasses say how their guidance is called (`guide`) and what happens after all particles
-    (`after_particles`: VSD trains its LoRA there)."""
+    """Builds every stage's parts, checks that they fit (systems/parts.py), and runs the training
+    step of the stage the run is in: for each particle, render a batch of views, let the guidance
+    score them, add the regularisers. Subclasses say how their guidance is called (`guide`) and what
+    happens after all particles (`after_particles`: VSD trains its LoRA there).
+
+    Optimisation is manual, one optimizer per stage: a stage's parameters exist from the start
+    (so checkpoints of any stage restore into the same modules), and at a stage's first step its
+    particles are initialised from the previous stage's (stages.start_from), once: which stages
+    have started is a buffer in the checkpoint, so a resumed run never initialises twice."""
 
     provides = frozenset({"rgb", "text"})  # what the training step hands the guidance
     needs = frozenset()  # what the system needs from the guidance
 
     def __init__(self, cfg: DictConfig):
         super().__init__()
+        self.automatic_optimization = False
         self.cfg = cfg
         n = cfg.system.get("num_particles", 1)
         if not isinstance(n, int) or isinstance(n, bool) or n < 1:
             raise ConfigError(f"system.num_particles={n!r}: must be an integer ≥ 1 (e.g. system.num_particles=2)")
-        self.particles = nn.ModuleList(
-            Particle(instantiate(cfg.geometry), instantiate(cfg.system.background)) for _ in range(n))
-        self.renderer = instantiate(cfg.renderer)
-        self.camera_sampler = instantiate(cfg.camera)
-        # Cheap objects that only check their arguments: bad values fail here, before any model loads.
-        self.guidance = instantiate(cfg.guidance)
+        configs = stage_configs(cfg)
+        self.stage_steps = allocate_steps(cfg, configs)
+        self.stages = nn.ModuleList(Stage(c, configs[k - 1] if k else None, n) for k, c in enumerate(configs))
+        for stage, steps in zip(self.stages, self.stage_steps):
+            stage.steps = steps  # stage-local schedules (VSD's t anneal) count these
+            sh = stage.cfg.shading
+            parts.check(self, stage.particles[0].geometry, stage.renderer, stage.guidance,
+                        {k.removeprefix("lambda_"): v for k, v in stage.cfg.loss.items()},
+                        shading_needs_normals=sh.ambient_only_steps < steps and sh.albedo_prob < 1)
+        self.register_buffer("stage_started", torch.zeros(len(self.stages), dtype=torch.bool))
+        self.camera_sampler = instantiate(cfg.camera)  # the evaluation orbit: videos, meshes, checks
         self.prompt_processor = build_prompt_processor(cfg)
-        parts.check(self, self.geometry, self.renderer, self.guidance,
-                    {k.removeprefix("lambda_"): v for k, v in cfg.system.loss.items()},
-                    shading_needs_normals=self._shading_needs_normals())
         self.prior = None  # loaded for training only (setup)
         self.out_dir = Path(cfg.output_dir)
         self._rng_to_restore = None
+        self.stage_log: list[dict] = []  # per finished stage: name, steps, wall time, loss, outputs
+        self._stage_clock, self._stage_elapsed = None, 0.0  # the current stage's time, across resumes
 
-    def _shading_needs_normals(self) -> bool:
-        sh, steps = self.cfg.system.shading, self.cfg.trainer.max_steps
-        return sh.ambient_only_steps < steps and sh.albedo_prob < 1
+    # ---- which stage --------------------------------------------------------------------------
+    @property
+    def stage_ends(self) -> list[int]:
+        return [sum(self.stage_steps[:k + 1]) for k in range(len(self.stage_steps))]
+
+    def stage_at(self, step: int) -> int:
+        """The stage that takes optimisation step `step` (0-based), skipping stages of 0 steps."""
+        return next((k for k, end in enumerate(self.stage_ends) if step < end), len(self.stages) - 1)
+
+    @property
+    def stage_index(self) -> int:
+        """The stage being trained, or (after training, in an export) the last one that started."""
+        started = self.stage_started.nonzero()
+        return int(started.max()) if len(started) else 0
+
+    @property
+    def stage(self) -> Stage:
+        return self.stages[self.stage_index]
+
+    @property
+    def particles(self) -> nn.ModuleList:
+        return self.stage.particles
+
+    @property
+    def renderer(self) -> nn.Module:
+        return self.stage.renderer
+
+    @property
+    def guidance(self):
+        return self.stage.guidance
+
+    def stage_tag(self, k: int | None = None) -> str:
+        """'' for a one-stage system, else '<name>-': the prefix of every artefact a stage makes."""
+        return "" if len(self.stages) == 1 else f"{self.stages[self.stage_index if k is None else k].cfg.name}-"
 
     # ---- parts that only training needs (export never loads the diffusion model) ----------
     def setup(self, stage: str) -> None:
@@ -108,65 +143,95 @@ class BaseSystem(L.LightningModule):
         """Hook for systems whose guidance has trainable parts (VSD)."""
 
     def on_fit_start(self) -> None:
-        s, t = self.cfg.system, self.cfg.trainer
-        log.info("text23d: %s on %s | prior %s (%s, %dpx) | render %dx%d | %d particle(s) | %d steps | %s",
-                 s.name, self.device, self.prior.name, "latent" if self.prior.latent else "pixel",
-                 self.prior.resolution, s.width, s.height, len(self.particles), t.max_steps, self.out_dir)
+        plan = " → ".join(f"{st.cfg.name} {n} steps {type(st.particles[0].geometry).__name__}/"
+                          f"{type(st.renderer).__name__} {st.cfg.width or self.prior.resolution}x"
+                          f"{st.cfg.height or self.prior.resolution}"
+                          for st, n in zip(self.stages, self.stage_steps) if n)
+        log.info("text23d: %s on %s | prior %s (%s, %dpx) | %d particle(s) | %s | %s", self.cfg.system.name,
+                 self.device, self.prior.name, "latent" if self.prior.latent else "pixel", self.prior.resolution,
+                 len(self.particles), plan, self.out_dir)
 
     def configure_optimizers(self):
-        return instantiate(self.cfg.system.optimizer)(self.particles.parameters())
+        return [stage.optimizer() for stage in self.stages]
 
     def train_dataloader(self) -> DataLoader:
         # Its own generator: creating the iterator must not draw from the global RNG.
-        return DataLoader(StepDataset(self.cfg.trainer.max_steps), batch_size=None,
-                          generator=torch.Generator())
+        return DataLoader(StepDataset(sum(self.stage_steps)), batch_size=None, generator=torch.Generator())
 
     # ---- the training step: one home for the per-particle loss ------------------------------
-    def sample_shading(self, step: int) -> str:
+    @staticmethod
+    def sample_shading(shading: DictConfig, step: int) -> str:
         """Albedo only while the shape forms; then DreamFusion's random mix, where textureless
         renders make the geometry (not the colours) carry the object."""
-        sh = self.cfg.system.shading
-        if step < sh.ambient_only_steps or torch.rand(()) < sh.albedo_prob:
+        if step < shading.ambient_only_steps or torch.rand(()) < shading.albedo_prob:
             return "albedo"
-        return "textureless" if torch.rand(()) < sh.textureless_prob else "lambertian"
+        return "textureless" if torch.rand(()) < shading.textureless_prob else "lambertian"
+
+    def begin_stage(self, k: int) -> None:
+        """A stage's first step: initialise it from the previous stage (once; see the class doc)."""
+        stage = self.stages[k]
+        if k and stage.cfg.init == "previous":
+            info = start_from(stage, self.stages[k - 1], self.camera_sampler.orbit(8), self.renderer.radius)
+            log.info("stage %s starts from stage %s: %s", stage.cfg.name, self.stages[k - 1].cfg.name, info)
+        self.stage_started[k] = True
+        self._stage_clock, self._stage_elapsed = time.time(), 0.0
 
     def training_step(self, batch, batch_idx):
-        s, step = self.cfg.system, self.global_step
-        lam = {k.removeprefix("lambda_"): losses.scheduled(v, step) for k, v in s.loss.items()}
+        k = self.stage_at(self.global_step)
+        if not self.stage_started[k]:
+            self.begin_stage(k)
+        stage, step = self.stages[k], self.global_step - (self.stage_ends[k] - self.stage_steps[k])
+        lam = {name.removeprefix("lambda_"): losses.scheduled(v, step) for name, v in stage.cfg.loss.items()}
         total, logs, views = 0.0, {}, []
-        for i, particle in enumerate(self.particles):
-            loss, terms, view = self.particle_loss(particle, step, lam)
+        for i, particle in enumerate(stage.particles):
+            try:
+                loss, terms, view = self.particle_loss(stage, particle, step, lam)
+            except Text23dError as e:  # say which stage and step, e.g. for a mesh that vanished
+                raise type(e)(f"stage {stage.cfg.name}, step {step} of {stage.steps}: {e}") from None
             total = total + loss
-            prefix = "train/" if len(self.particles) == 1 else f"train/p{i}_"
-            logs.update({f"{prefix}loss_{k}": v.detach() for k, v in terms.items()})
+            prefix = "train/" if len(stage.particles) == 1 else f"train/p{i}_"
+            logs.update({f"{prefix}loss_{name}": v.detach() for name, v in terms.items()})
             logs[f"{prefix}grad_norm"] = view["guide"]["grad_norm"]
             views.append(view)
         logs.update(self.after_particles(views))
-        self.log_dict(logs, batch_size=s.batch_size)
-        self.log("train/loss", total.detach(), prog_bar=True, batch_size=s.batch_size)
-        return total
+        optimizers = self.optimizers()
+        optimizer = optimizers[k] if isinstance(optimizers, list) else optimizers
+        optimizer.zero_grad()
+        self.manual_backward(total)
+        optimizer.step()
+        batch_size = stage.cfg.batch_size
+        self.log_dict(logs, batch_size=batch_size)
+        self.log("train/loss", total.detach(), prog_bar=True, batch_size=batch_size)
+        self.log("train/stage", float(k), batch_size=batch_size)
+        if self.global_step == self.stage_ends[k] and k < len(self.stages) - 1:
+            # Here, not in a hook: the checkpoint written at this step must already know it ended.
+            self.end_stage(k, final_loss=float(total))
+        return total.detach()
 
-    def particle_loss(self, particle: Particle, step: int, lam: dict) -> tuple[torch.Tensor, dict, dict]:
+    def particle_loss(self, stage: Stage, particle, step: int, lam: dict) -> tuple[torch.Tensor, dict, dict]:
         """One particle: render a batch of random views, score them with the guidance, add the
         regularisers. Returns the weighted loss, its unweighted terms, and what was rendered."""
-        s = self.cfg.system
-        cams = self.camera_sampler.sample(s.batch_size).to(self.device)
-        shading = self.sample_shading(step)
-        out = self.renderer(particle.geometry, particle.background, cams, s.height, s.width, shading=shading,
-                            need_normals=lam.get("orient", 0.0) > 0, jitter=True)
+        c = stage.cfg
+        if particle.occupancy is not None:
+            particle.occupancy.update(particle.geometry.density, step, stage.renderer.sample_spacing)
+        cams = stage.camera_sampler.sample(c.batch_size).to(self.device)
+        shading = self.sample_shading(c.shading, step)
+        height, width = c.height or self.prior.resolution, c.width or self.prior.resolution  # null: the prior's
+        out = stage.renderer(particle.geometry, particle.background, cams, height, width, shading=shading,
+                             need_normals=lam.get("orient", 0.0) > 0, jitter=True, occupancy=particle.occupancy)
         cond, uncond = self.prompt_processor(cams.elevation, cams.azimuth)
-        guide = self.guide(out["comp_rgb"], cond, uncond, cams, step)
-        [key] = [k for k in guide if k.startswith("loss_")]  # loss_sds, loss_vsd
+        guide = self.guide(stage, out["comp_rgb"], cond, uncond, cams, step)
+        [key] = [name for name in guide if name.startswith("loss_")]  # loss_sds, loss_vsd
         name = key.removeprefix("loss_")
-        terms = {name: guide[key], **losses.regularisers(out)}
+        terms = {name: guide[key], **losses.regularisers(out, lam)}
         # The distillation term's weight: lambda_<name>, else lambda_sds (systems that inherit
         # DreamFusion's loss block), else 1; regularisers weigh 0 unless their lambda says otherwise.
         weights = {**lam, name: lam.get(name, lam.get("sds", 1.0))}
-        loss = sum(weights[k] * v for k, v in terms.items() if weights.get(k, 0.0) != 0.0)
+        loss = sum(weights[n] * v for n, v in terms.items() if weights.get(n, 0.0) != 0.0)
         return loss, terms, {"guide": guide, "cond": cond, "cams": cams}
 
-    def guide(self, rgb, cond, uncond, cams, step: int) -> dict:
-        """The guidance's loss on the renders rgb (B, H, W, 3); subclasses pass what it needs."""
+    def guide(self, stage: Stage, rgb, cond, uncond, cams, step: int) -> dict:
+        """The stage's guidance loss on the renders rgb (B, H, W, 3); subclasses pass what it needs."""
         raise NotImplementedError
 
     def after_particles(self, views: list[dict]) -> dict:
@@ -178,12 +243,21 @@ class BaseSystem(L.LightningModule):
         rng = {"torch": torch.get_rng_state()}
         if torch.cuda.is_available():
             rng["cuda"] = torch.cuda.get_rng_state_all()
-        checkpoint["text23d"] = {"config": OmegaConf.to_yaml(self.cfg), "rng": rng}
+        checkpoint["text23d"] = {"config": OmegaConf.to_yaml(self.cfg), "rng": rng, "stages": self.stage_log,
+                                 "stage": self.stages[self.stage_index].cfg.name,
+                                 "stage_elapsed_s": self._elapsed()}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        self._rng_to_restore = checkpoint.get("text23d", {}).get("rng")
+        saved = checkpoint.get("text23d", {})
+        self._rng_to_restore = saved.get("rng")
+        self.stage_log = list(saved.get("stages", []))
+        self._stage_elapsed = float(saved.get("stage_elapsed_s", 0.0))
+
+    def _elapsed(self) -> float:
+        return self._stage_elapsed + (time.time() - self._stage_clock if self._stage_clock else 0.0)
 
     def on_train_start(self) -> None:
+        self._stage_clock = time.time()
         if self.trainer.world_size > 1 and self.global_rank > 0:
             # DDP: every rank must draw its own cameras and noise, or N GPUs do one GPU's work.
             # (Checkpoints hold rank 0's RNG; other ranks re-derive theirs from seed, rank and step.)
@@ -225,6 +299,22 @@ class BaseSystem(L.LightningModule):
         if every and self.global_step % every == 0 and self.global_rank == 0:
             self.save_validation(self.global_step)
 
+    def end_stage(self, k: int, outputs: dict | None = None, final_loss: float | None = None) -> dict:
+        """Record a finished stage (and, but for the last, which ends with the run's export in
+        run.py, its turntable and views) in stage_log."""
+        from text23d.export.artifacts import export_views
+
+        if outputs is None and self.global_rank == 0:
+            outputs = export_views(self, self.out_dir, self.global_step)
+        if final_loss is None and self._trainer is not None:
+            loss = self.trainer.callback_metrics.get("train/loss")
+            final_loss = float(loss) if loss is not None else None
+        entry = {"name": self.stages[k].cfg.name, "steps": self.stage_steps[k], "end_step": self.stage_ends[k],
+                 "wall_time_s": round(self._elapsed(), 2), "final_loss": final_loss, "outputs": outputs or {}}
+        self.stage_log = [e for e in self.stage_log if e["name"] != entry["name"]] + [entry]
+        self.train()
+        return entry
+
     def save_validation(self, step: int) -> Path:
         """Rows: rgb / normals / opacity of a few orbit views, for every particle."""
         v = self.cfg.validation
@@ -234,7 +324,7 @@ class BaseSystem(L.LightningModule):
             views = self.render_views(cams, v.resolution, particle=i)
             tiles += [to_uint8(x[k]) for k in ("rgb", "normal", "opacity") for x in views]
         grid = make_grid(tiles, ncol=v.views)
-        path = save_image(grid, self.out_dir / "save" / f"it{step:06d}-val.png")
+        path = save_image(grid, self.out_dir / "save" / f"{self.stage_tag()}it{step:06d}-val.png")
         for logger in self.loggers:
             if hasattr(logger.experiment, "add_image"):
                 logger.experiment.add_image("val", np.ascontiguousarray(grid), step, dataformats="HWC")

@@ -5,5 +5,5 @@ from text23d.systems.base import BaseSystem
 
 
 class DreamFusion(BaseSystem):
-    def guide(self, rgb, cond, uncond, cams, step: int) -> dict:
-        return self.guidance(self.prior, rgb, cond, uncond)
+    def guide(self, stage, rgb, cond, uncond, cams, step: int) -> dict:
+        return stage.guidance(self.prior, rgb, cond, uncond)

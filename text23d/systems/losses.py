@@ -7,7 +7,8 @@ from torch import Tensor
 from text23d.errors import ConfigError
 
 # What each regulariser needs from the renderer (checked in systems/parts.py).
-NEEDS = {"orient": ("sample_weights", "normals"), "sparsity": ("opacity",), "opaque": ("opacity",)}
+NEEDS = {"orient": ("sample_weights", "normals"), "sparsity": ("opacity",), "opaque": ("opacity",),
+         "normal_consistency": ("mesh",), "laplacian": ("mesh",)}
 
 
 def scheduled(value, step: int) -> float:
@@ -34,11 +35,18 @@ def always_zero(value) -> bool:
         return False
 
 
-def regularisers(out: dict) -> dict[str, Tensor]:
-    """Every regulariser the renderer output `out` allows, unweighted (the system weights them)."""
+def regularisers(out: dict, weights: dict | None = None) -> dict[str, Tensor]:
+    """Every regulariser the renderer output `out` allows, unweighted (the system weights them);
+    the mesh terms only where `weights` gives them a non-zero weight (they cost a pass over edges)."""
+    from text23d.geometry.mesh_ops import laplacian, normal_consistency
+
     terms = {"sparsity": sparsity(out["opacity"]), "opaque": opaque(out["opacity"])}
     if "normals" in out and "weights" in out:
         terms["orient"] = orientation(out["weights"], out["normals"], out["dirs"])
+    if "mesh" in out:
+        for name, fn in (("normal_consistency", normal_consistency), ("laplacian", laplacian)):
+            if (weights or {}).get(name, 0.0) != 0.0:
+                terms[name] = fn(*out["mesh"])
     return terms
 
 

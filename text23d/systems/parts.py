@@ -8,8 +8,12 @@ is one ConfigError naming the parts and a fix, not a TypeError at the first step
 """
 from __future__ import annotations
 
+import logging
+
 from text23d.errors import ConfigError
 from text23d.systems import losses
+
+log = logging.getLogger("text23d")
 
 # Every capability, in words for messages.
 WHAT = {
@@ -23,6 +27,7 @@ WHAT = {
     "camera_pose": "each view's camera pose",
     "lora_training": "a training loop for the LoRA score model",
     "lora": "a LoRA score model of the renders (VSD)",
+    "mesh": "a triangle mesh (a DMTet geometry)",
 }
 # How to get a missing capability, by the part that lacks it.
 FIX = {
@@ -43,9 +48,12 @@ def _refuse(user: str, need: set, giver: str, fix: str) -> None:
 
 
 def renderer_outputs(geometry, renderer) -> set:
-    """What the renderer delivers with this geometry (normals only if the geometry has them)."""
+    """What the renderer delivers with this geometry: a volume renderer's normals are the
+    geometry's, a rasteriser computes its own from the mesh."""
     out = set(renderer.provides)
-    return out if "normals" in geometry.provides else out - {"normals"}
+    if getattr(renderer, "normals_from_geometry", False) and "normals" not in geometry.provides:
+        out.discard("normals")
+    return out
 
 
 def check(system, geometry, renderer, guidance, loss_weights: dict, shading_needs_normals: bool) -> None:
@@ -53,8 +61,10 @@ def check(system, geometry, renderer, guidance, loss_weights: dict, shading_need
     its weight (a number or a ramp); terms whose weight is 0 throughout need nothing."""
     missing = set(renderer.needs) - set(geometry.provides)
     if missing:
-        _refuse(name("renderer", renderer), missing, name("geometry", geometry),
-                "a geometry with a density field for volume rendering (geometry=grid or geometry=nerf)")
+        fix = ("renderer=rasterize for a mesh geometry" if "mesh" in geometry.provides else
+               "geometry=dmtet for the rasteriser" if "mesh" in renderer.needs else
+               "a geometry with a density field for volume rendering (geometry=grid, nerf or hashgrid)")
+        _refuse(name("renderer", renderer), missing, name("geometry", geometry), fix)
     rendered = renderer_outputs(geometry, renderer)
     if shading_needs_normals and "normals" not in rendered:
         _refuse("lambertian/textureless shading (system.shading)", {"normals"}, name("renderer", renderer),
@@ -62,6 +72,10 @@ def check(system, geometry, renderer, guidance, loss_weights: dict, shading_need
     for term, weight in loss_weights.items():
         need = set(losses.NEEDS.get(term, ())) - rendered
         if need and not losses.always_zero(weight):
+            why = getattr(renderer, "ignores", {}).get(term)
+            if why:  # a term that means nothing for this renderer: said once, then left out
+                log.warning("system.loss.lambda_%s is not used with %s: %s", term, name("renderer", renderer), why)
+                continue
             _refuse(f"loss term system.loss.lambda_{term}", need, name("renderer", renderer),
                     f"system.loss.lambda_{term}=0, or a renderer that provides it (renderer=volume)")
     missing = set(guidance.needs) - set(system.provides)

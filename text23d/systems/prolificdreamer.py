@@ -34,9 +34,9 @@ class ProlificDreamer(DreamFusion):
         if self._lora_optimizer_state is not None:
             self.lora_optimizer.load_state_dict(self._lora_optimizer_state)
 
-    def guide(self, rgb, cond, uncond, cams, step: int) -> dict:
-        return self.guidance(self.prior, rgb, cond, uncond, cams.c2w.reshape(len(cams), 16), step=step,
-                             max_steps=self.cfg.trainer.max_steps)
+    def guide(self, stage, rgb, cond, uncond, cams, step: int) -> dict:
+        return stage.guidance(self.prior, rgb, cond, uncond, cams.c2w.reshape(len(cams), 16), step=step,
+                              max_steps=stage.steps)
 
     def after_particles(self, views: list[dict]) -> dict:
         """Fit the LoRA to the particles' current (detached) renders: the score of their distribution."""

@@ -1,0 +1,172 @@
+"""Stages: a system is an ordered list of them (Magic3D: hash-grid NeRF, then a DMTet mesh).
+
+`system.stages` names the stages to run, in order; `system.stage.<name>` holds what each changes
+from the system-level settings: steps, geometry, renderer, width, height, batch_size, optimizer
+(with per-parameter-group settings), loss weights, shading, guidance and camera overrides, and
+`init` (how it starts: `blob`, the geometry's own initial state, or `previous`, from the stage
+before). A stage without a geometry or renderer of its own uses the top-level `geometry` and
+`renderer` groups. Step-dependent schedules count stage-local steps.
+"""
+from __future__ import annotations
+
+import copy
+import logging
+
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+
+from text23d.errors import ConfigError
+
+log = logging.getLogger("text23d")
+STAGE_KEYS = ("steps", "geometry", "renderer", "width", "height", "batch_size", "optimizer", "loss", "shading",
+              "guidance", "camera", "init", "background", "done")
+SYSTEM_DEFAULTS = ("width", "height", "batch_size", "optimizer", "loss", "shading", "background")
+INITS = ("blob", "previous")
+
+
+def stage_configs(cfg: DictConfig) -> list[DictConfig]:
+    """One resolved config per stage to run: name, steps (None: from trainer.max_steps), geometry,
+    renderer, guidance, camera, and the system-level keys with the stage's changes merged in."""
+    s = cfg.system
+    names = list(s.get("stages") or ["main"])
+    library = s.get("stage") or {}
+    unknown = [n for n in names if n not in library and n != "main"]
+    if unknown or len(set(names)) != len(names):
+        raise ConfigError(f"system.stages={names}: {'stages ' + str(unknown) + ' are not defined' if unknown else 'a stage is named twice'}"
+                          f"; defined are {list(library)}. Fix: e.g. system.stages=[{', '.join(library) or 'main'}]")
+    out = []
+    for k, name in enumerate(names):
+        own = library.get(name) or OmegaConf.create({})
+        bad = [key for key in own if key not in STAGE_KEYS]
+        if bad:
+            raise ConfigError(f"system.stage.{name} has unknown keys {bad}; allowed: {list(STAGE_KEYS)}")
+        merged = {key: s[key] for key in SYSTEM_DEFAULTS}
+        merged.update({"name": name, "steps": None, "geometry": cfg.geometry, "renderer": cfg.renderer,
+                       "guidance": cfg.guidance, "camera": cfg.camera, "init": "previous" if k else "blob",
+                       "done": False})  # done: made elsewhere (init_from), 0 steps here
+        for key, value in own.items():
+            if key in ("guidance", "camera", "loss", "shading", "optimizer") and value is not None:
+                # changes on top of the system's (a stage may add loss terms the system lacks)
+                base = OmegaConf.create(OmegaConf.to_container(merged[key], resolve=True))
+                merged[key] = OmegaConf.merge(base, value)
+            else:
+                merged[key] = value
+        if merged["init"] not in INITS or (k == 0 and merged["init"] == "previous"):
+            raise ConfigError(f"system.stage.{name}.init={merged['init']!r}: allowed are {list(INITS)} "
+                              "('previous' only after a first stage)")
+        out.append(OmegaConf.create(merged))
+    return out
+
+
+def allocate_steps(cfg: DictConfig, stages: list[DictConfig]) -> list[int]:
+    """Steps per stage. trainer.max_steps null: each stage's own `steps`. Otherwise it is the total,
+    split in proportion to the stages' steps (a single stage takes it all), at least 1 each."""
+    todo = [st for st in stages if not st.done]
+    if len(todo) < len(stages):  # stages made by another run (init_from) take no steps here
+        steps = iter(allocate_steps(cfg, todo))
+        return [0 if st.done else next(steps) for st in stages]
+    total = cfg.trainer.max_steps
+    declared = [st.steps for st in stages]
+    if total is None:
+        bad = [(st.name, st.steps) for st in stages if not (isinstance(st.steps, int) and st.steps >= 1)]
+        if bad:
+            raise ConfigError(f"stage steps {bad}: with trainer.max_steps=null every stage needs steps ≥ 1. "
+                              f"Fix: system.stage.{bad[0][0]}.steps=1000, or set trainer.max_steps")
+        return list(declared)
+    if not isinstance(total, int) or isinstance(total, bool) or total < len(stages):
+        raise ConfigError(f"trainer.max_steps={total!r}: must be an integer ≥ {len(stages)} (one step per stage "
+                          f"at least; stages: {[st.name for st in stages]}). Fix: e.g. trainer.max_steps=1000")
+    if len(stages) == 1:
+        return [total]
+    weights = [w if isinstance(w, int) and w > 0 else 1 for w in declared]
+    raw = [total * w / sum(weights) for w in weights]
+    steps = [max(1, int(r)) for r in raw]
+    while sum(steps) < total:  # largest remainder first
+        steps[max(range(len(raw)), key=lambda i: raw[i] - steps[i])] += 1
+    while sum(steps) > total:
+        steps[max((i for i in range(len(steps)) if steps[i] > 1), key=lambda i: steps[i] - raw[i])] -= 1
+    if steps != declared:
+        log.info("trainer.max_steps=%d: stages %s take %s steps", total, [st.name for st in stages], steps)
+    return steps
+
+
+class Particle(nn.Module):
+    """One 3D representation being optimised: a geometry and its background (and, with a volume
+    renderer that skips empty space, its occupancy grid)."""
+
+    def __init__(self, geometry: nn.Module, background: nn.Module, occupancy: nn.Module | None = None):
+        super().__init__()
+        self.geometry, self.background, self.occupancy = geometry, background, occupancy
+
+
+def build_geometry(stage: DictConfig, previous: DictConfig | None) -> nn.Module:
+    """The stage's geometry; a mesh geometry without a colour field of its own gets one of the
+    previous stage's geometry type (its weights are copied over when the stage starts)."""
+    geometry = instantiate(stage.geometry)
+    if getattr(geometry, "color", "absent") is None and previous is not None and stage.init == "previous":
+        geometry.color = instantiate(previous.geometry)
+    return geometry
+
+
+class Stage(nn.Module):
+    """The parts one stage trains: its particles and renderer (modules), and, as plain objects, its
+    guidance (cheap: it checks its arguments here) and training-camera sampler."""
+
+    def __init__(self, cfg: DictConfig, previous: DictConfig | None, n_particles: int):
+        super().__init__()
+        self.cfg = cfg
+        self.renderer = instantiate(cfg.renderer)
+        make_occupancy = getattr(self.renderer, "make_occupancy", lambda: None)
+        self.particles = nn.ModuleList(
+            Particle(build_geometry(cfg, previous), instantiate(cfg.background), make_occupancy())
+            for _ in range(n_particles))
+        object.__setattr__(self, "guidance", instantiate(cfg.guidance))
+        object.__setattr__(self, "camera_sampler", instantiate(cfg.camera))
+
+    def optimizer(self) -> torch.optim.Optimizer:
+        """The stage's optimizer over its particles. `param_groups` maps a parameter-name prefix
+        (as in geometry.sdf, background) to its own settings; the longest matching prefix wins."""
+        params = OmegaConf.to_container(self.cfg.optimizer, resolve=True)
+        groups = params.pop("param_groups", None) or {}
+        buckets: dict[str, list] = {prefix: [] for prefix in groups}
+        rest = []
+        for name, p in self.particles.named_parameters():
+            local = name.split(".", 1)[1]  # drop the particle index
+            match = max((g for g in groups if local == g or local.startswith(g + ".")), key=len, default=None)
+            (buckets[match] if match is not None else rest).append(p)
+        modules = {name.split(".", 1)[1] for name, _ in self.particles.named_modules() if "." in name}
+        unused = [g for g, ps in buckets.items() if not ps and g not in modules]  # a typo, not a solid background
+        if unused:
+            raise ConfigError(f"system.stage.{self.cfg.name}.optimizer.param_groups {unused} match no parameter; "
+                              f"they look like: {sorted({n.split('.', 1)[1].rsplit('.', 1)[0] for n, _ in self.particles.named_parameters()})[:6]}")
+        param_groups = [{"params": rest}] if rest else []
+        param_groups += [{"params": ps, **groups[g]} for g, ps in buckets.items() if ps]
+        return instantiate(params)(param_groups)
+
+
+@torch.no_grad()
+def start_from(stage: Stage, previous: Stage, cams, radius: float) -> dict:
+    """Initialise `stage`'s particles from `previous`'s: a mesh geometry from the density field, at
+    the level export would choose, with the colour field carried over; a geometry of the same kind
+    by copying it. The backgrounds carry over too."""
+    from text23d.export.threshold import auto_threshold
+
+    info = {}
+    for i, (new, old) in enumerate(zip(stage.particles, previous.particles)):
+        if hasattr(new.geometry, "init_from_density"):
+            threshold, iou = auto_threshold(old.geometry, cams, radius)
+            info[f"particle{i}"] = {"threshold": threshold, "silhouette_iou": iou,
+                                    **new.geometry.init_from_density(old.geometry.density, threshold,
+                                                                     stage=f"stage {stage.cfg.name}")}
+            new.geometry.color.load_state_dict(old.geometry.state_dict())
+        elif type(new.geometry) is type(old.geometry):
+            new.geometry.load_state_dict(copy.deepcopy(old.geometry.state_dict()))
+        else:
+            raise ConfigError(f"stage {stage.cfg.name} cannot start from stage {previous.cfg.name}: "
+                              f"{type(new.geometry).__name__} from {type(old.geometry).__name__}. Fix: "
+                              f"system.stage.{stage.cfg.name}.init=blob, or a geometry of the same kind")
+        if type(new.background) is type(old.background):
+            new.background.load_state_dict(old.background.state_dict())
+    return info
