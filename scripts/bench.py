@@ -27,12 +27,26 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 # name: (prior, overrides, needs CUDA); prior "builtin" is the shipped model, "sd21" random weights.
+OCCUPANCY = "renderer.occupancy={resolution:32,threshold:0.01,decay:0.95,update_every:16,warmup_steps:256}"
 CONFIGS = {
     "sds-builtin-32": ("builtin", [], False),
     "vsd-builtin-32": ("builtin", ["system=vsd"], False),
     "sds-builtin-64": ("builtin", ["system.width=64", "system.height=64"], False),
     "vsd-builtin-64": ("builtin", ["system=vsd", "system.width=64", "system.height=64"], False),
     "sds-builtin-nerf-32": ("builtin", ["geometry=nerf"], False),
+    # Magic3D's parts on CPU: the hash grid with and without empty-space skipping, the rasteriser at
+    # 64² and 128² (SDS on a 32³-cube DMTet), and Magic3D's fine-stage step (after one coarse step).
+    "sds-builtin-hashgrid-32": ("builtin", ["geometry=hashgrid"], False),
+    "sds-builtin-hashgrid-occ-32": ("builtin", ["geometry=hashgrid", OCCUPANCY], False),
+    "raster-builtin-64": ("builtin", ["geometry=dmtet", "renderer=rasterize", "geometry.resolution=32",
+                                      "system.width=64", "system.height=64"], False),
+    "raster-builtin-128": ("builtin", ["geometry=dmtet", "renderer=rasterize", "geometry.resolution=32",
+                                       "system.width=128", "system.height=128"], False),
+    "magic3d-fine-builtin": ("builtin", ["system=magic3d", "system.stage.coarse.steps=1",
+                                         "system.stage.fine.steps=100"], False),
+    "magic3d-coarse-sd21-64": ("sd21", ["prior.dtype=float16", "system=magic3d", "system.stages=[coarse]"], True),
+    "magic3d-fine-sd21-512": ("sd21", ["prior.dtype=float16", "system=magic3d", "system.stage.coarse.steps=1",
+                                       "system.stage.fine.steps=100"], True),
     "sds-sd21-64": ("sd21", ["geometry=grid", "prior.dtype=float16"], True),
     "vsd-sd21-64": ("sd21", ["geometry=grid", "prior.dtype=float16", "system=vsd"], True),
 }

@@ -38,8 +38,8 @@ from diffusers import DDIMScheduler, DDPMScheduler, UNet2DConditionModel
 from PIL import Image, ImageDraw, ImageFont
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-from text23d.builtin.data import (COLOURS, HELD_OUT, ROTATION_RANGE, SHAPES, caption, make_dataset, vocabulary,
-                                  write_vocabulary)
+from text23d.builtin.data import (COLOURS, DIRECTIONS, HELD_OUT, ROTATION_RANGE, SHAPES, SUFFIX_PROBABILITY, caption,
+                                  make_dataset, vocabulary, write_vocabulary)
 from text23d.builtin.tokenizer import write_word_tokenizer
 
 RESOLUTION = 32
@@ -74,11 +74,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--probe-every", type=int, default=0,
                    help="every N steps, sample with the EMA weights, judge the samples and save them beside --out")
     p.add_argument("--eval-samples", type=int, default=4, help="DDIM samples per (shape, colour) pair judged at the end")
+    p.add_argument("--judge-only", type=Path, default=None, metavar="FOLDER",
+                   help="train nothing: sample an existing model folder, judge the samples, print the rates")
     p.add_argument("--caption-dropout", type=float, default=0.1,
                    help='fraction of captions replaced by "" (the unconditional branch of CFG)')
     p.add_argument("--log-every", type=int, default=25)
     p.add_argument("--sample-steps", type=int, default=50, help="DDIM steps for samples.png")
-    p.add_argument("--guidance-scale", type=float, default=7.5, help="CFG scale for samples.png")
+    p.add_argument("--guidance-scale", type=float, default=1.5,
+                   help="CFG scale of the judged samples and samples.png (a small model's samples degrade at high CFG)")
     p.add_argument("--quick", action="store_true",
                    help="smoke run: 256 images, 20 steps, batch 8, 5 sampling steps")
     args = p.parse_args(argv)
@@ -90,6 +93,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.out = Path(args.out or DEFAULT_OUT)
     if args.steps is not None and args.steps < 1:
         p.error(f"--steps={args.steps}: must be >= 1")
+    if args.judge_only is not None:
+        return args
     if (args.steps is None) == (args.minutes is None):
         p.error("pass exactly one of --steps N (reproducible) and --minutes M")
     if args.minutes is not None and not args.minutes > 0:
@@ -300,6 +305,13 @@ def sample(unet, text_encoder, tokenizer, scheduler, device, captions: list[str]
     return np.concatenate(out)
 
 
+def eval_captions(pairs: list[tuple[str, str]]) -> list[str]:
+    """Captions as the training data and score distillation use them: with a view, the i-th sample
+    of the list seen from the i-th of the 8 azimuth sectors (so each pair is seen from several)."""
+    views = [d for d in DIRECTIONS if d != "overhead"]
+    return [caption(s, c, views[i % len(views)]) for i, (s, c) in enumerate(pairs)]
+
+
 def judge_samples(images: np.ndarray, pairs: list[tuple[str, str]], judge) -> dict:
     """Fraction of samples whose shape, colour, and both, the 2D judge reads as their caption's;
     over all pairs, the held-out ones and the seen ones."""
@@ -372,7 +384,7 @@ Weights are the EMA (decay {args.ema_decay}, with warm-up) of both networks, fp3
 - Data: {args.images:,} images rendered in {data_seconds:.0f} s (seed {args.seed}); cameras from
   `RandomCameraSampler` defaults (the SDS training distribution), scale U[0.45, 0.6], rotation about z
   {ROTATION_RANGE[0]:g}° to {ROTATION_RANGE[1]:g}° (objects face the front), the view suffix (8 sectors of 45°:
-  "front", "front right", "right", …) on 50% of captions; no flips (they would swap left and right).
+  "front", "front right", "right", …) on {SUFFIX_PROBABILITY:.0%} of captions; no flips (they would swap left and right).
 - Steps: {summary["steps"]:,} at batch {args.batch_size} (AdamW, lr {args.lr:g}, {args.warmup} warm-up
   steps, {args.lr_schedule} schedule; {args.caption_dropout:.0%} caption dropout for classifier-free
   guidance; {args.prediction_type} target, Min-SNR-γ weighting with γ = {args.snr_gamma:g})
@@ -390,7 +402,8 @@ Weights are the EMA (decay {args.ema_decay}, with warm-up) of both networks, fp3
 ## Samples: can it generate?
 
 `samples.png`: DDIM {args.sample_steps} steps, CFG {args.guidance_scale}, one sample per pair
-(rows: shapes, columns: colours), caption without view suffix; held-out pairs framed in red.
+(rows: shapes, columns: colours), each caption with a view ("a red cube, front right view", the
+views cycling through the 8 sectors); held-out pairs framed in red.
 
 {args.eval_samples} samples of each of the 48 captions were judged by `text23d.builtin.judge2d`, a
 nearest-neighbour classifier over 4,800 true renders of the data world (shape by object-mask IoU,
@@ -449,9 +462,29 @@ def _progress_printer(t0: float):
     return report
 
 
+def judge_folder(args, device) -> dict:
+    """Sample a saved model folder (this script's or an older one) and judge the samples."""
+    from text23d.builtin.judge2d import ImageJudge
+
+    folder = args.judge_only
+    unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet").to(device).eval()
+    text = CLIPTextModel.from_pretrained(folder, subfolder="text_encoder").to(device).eval()
+    tokenizer = CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer")
+    scheduler = DDPMScheduler.from_pretrained(folder, subfolder="scheduler")
+    pairs = [(s, c) for s in SHAPES for c in COLOURS] * args.eval_samples
+    images = sample(unet, text, tokenizer, scheduler, device, eval_captions(pairs),
+                    args.sample_steps, args.guidance_scale, seed=args.seed)
+    rates = judge_samples(images, pairs, ImageJudge())
+    print(json.dumps({"folder": str(folder), "cfg": args.guidance_scale, **rates}), flush=True)
+    return rates
+
+
 def main(argv=None) -> Path:
     args = parse_args(argv)
     device = resolve_device(args.device)
+    if args.judge_only is not None:
+        judge_folder(args, device)
+        return args.judge_only
     torch.manual_seed(args.seed)
     out = args.out.resolve()
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -487,7 +520,7 @@ def main(argv=None) -> Path:
 
     def evaluate(unet_, text_, per_pair: int) -> tuple[np.ndarray, dict]:
         wanted = pairs * per_pair  # the first len(pairs) are one sample of every pair
-        images_ = sample(unet_, text_, tokenizer, scheduler, device, [caption(s, c) for s, c in wanted],
+        images_ = sample(unet_, text_, tokenizer, scheduler, device, eval_captions(wanted),
                          args.sample_steps, args.guidance_scale, seed=args.seed)
         return images_, judge_samples(images_, wanted, judge)
 

@@ -24,7 +24,8 @@ def smoke(model, root):
 def test_help_lists_groups_and_examples(tmp_path):
     code, out = cli("--help", cwd=tmp_path)
     assert code == 0
-    for word in ("system: dreamfusion, prolificdreamer, sds, vsd", "geometry: grid, nerf", "prior:", "resume=", "export="):
+    for word in ("system: dreamfusion, magic3d, prolificdreamer, sds, vsd", "geometry: dmtet, grid, hashgrid, nerf",
+                 "renderer: rasterize, volume", "prior:", "resume=", "export=", "prompt_file="):
         assert word in out
 
 

@@ -55,7 +55,8 @@ def _final(out: Path) -> dict:
     return {**ckpt["state_dict"], **{f"opt{i}": t for i, t in enumerate(opt)}}
 
 
-@pytest.mark.parametrize("crash_at", [2, 4, 5])  # inside the coarse stage, at the boundary, inside the fine stage
+@pytest.mark.parametrize("crash_at", [  # inside the coarse stage, at the boundary, inside the fine stage
+    pytest.param(2, marks=pytest.mark.slow), 4, pytest.param(5, marks=pytest.mark.slow)])
 def test_killed_anywhere_and_resumed_ends_bit_identical(straight, tiny_latent_model, tmp_path, crash_at):
     _, reference = straight
     out = tmp_path / "crashed"
@@ -100,3 +101,20 @@ def test_a_mesh_geometry_with_the_volume_renderer_is_refused(tmp_path):
 
     with pytest.raises(ConfigError, match=r"renderer VolumeRenderer needs a density field.*Fix: renderer=rasterize"):
         build_system(compose_cfg(["prompt=x", "geometry=dmtet", f"output_dir={tmp_path}"]))
+
+
+def test_magic3d_on_the_builtin_prior_through_the_command(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    text23d = str(Path(sys.executable).parent / "text23d")
+    p = subprocess.run([text23d, "prompt=a blue cube", "system=magic3d", "prior=builtin", "debug=smoke",
+                        f"output_root={tmp_path}", "trainer.enable_progress_bar=false",
+                        "system.stage.fine.geometry.resolution=12"],
+                       env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
+    [run_dir] = list((tmp_path / "magic3d").iterdir())
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert [s["name"] for s in summary["stages"]] == ["coarse", "fine"] and summary["steps"] == 4
+    assert "fine-it000004-export" in summary["artifacts"]["mesh_glb"]

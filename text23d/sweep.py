@@ -111,7 +111,16 @@ def read_job(job_dir: str, sweep_dir: str) -> dict:
 
 
 def _split(override: str) -> tuple[str, str]:
+    """(key, value as typed): a quoted value, as the CLI writes prompts, is shown as its text."""
     key, _, value = override.partition("=")
+    if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
+        try:
+            from hydra.core.override_parser.overrides_parser import OverridesParser
+
+            text = str(OverridesParser.create().parse_override(f"x={value}").value())
+            value = OmegaConf.create({"x": text}).x  # and the prompt's escaped ${ back to ${
+        except Exception:  # not ours to judge: show it as written
+            pass
     return key, value
 
 

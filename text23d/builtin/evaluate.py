@@ -165,12 +165,19 @@ def score_mesh(path, shape: str, colour: str, sampler, n_views: int = 8, resolut
     return {**result, "views": views, "faces": len(mesh.faces)}
 
 
+def _erode(mask: np.ndarray) -> np.ndarray:
+    """A boolean image less its outline (pixels with a 4-neighbour outside the mask)."""
+    p = np.pad(mask, 1)
+    return mask & p[:-2, 1:-1] & p[2:, 1:-1] & p[1:-1, :-2] & p[1:-1, 2:]
+
+
 def colour_error(render_views: list[dict], mesh_views_: list[dict]) -> float:
     """Mean absolute RGB difference (0-1) between the volume renders and the rendered mesh, over the
-    pixels both cover: how far the exported file's colours are from what the renders showed."""
+    pixels both cover, less the one-pixel outline where either blends with the background: how far
+    the exported file's colours are from what the renders showed."""
     diffs = []
     for r, m in zip(render_views, mesh_views_):
-        both = (r["opacity"][..., 0] > 0.5) & (m["opacity"][..., 0] > 0.5)
+        both = _erode((r["opacity"][..., 0] > 0.5) & (m["opacity"][..., 0] > 0.5))
         if both.any():
             diffs.append(np.abs(r["rgb"][both] - m["rgb"][both]).mean())
     return round(float(np.mean(diffs)), 4) if diffs else float("nan")

@@ -118,6 +118,7 @@ class DMTet(nn.Module):
     """A mesh geometry: `mesh()` gives the differentiable surface, `albedo` its colour field."""
 
     provides = frozenset({"mesh", "albedo"})  # see systems/parts.py
+    needs_previous = frozenset({"density"})  # what init: previous starts it from
 
     def __init__(self, resolution: int = 32, radius: float = 1.0, color: nn.Module | None = None,
                  sphere_radius: float = 0.5, max_deform: float = 0.5):

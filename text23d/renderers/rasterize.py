@@ -44,9 +44,17 @@ def rasterize(verts: Tensor, faces: Tensor, cams: Cameras, height: int, width: i
     """The visible triangle per pixel: face ids (B, H, W), -1 where no triangle covers the pixel
     centre. Both windings are drawn (no back-face culling); triangles with a vertex behind the
     `near` plane are skipped."""
-    B, device = len(cams), verts.device
-    faces = faces.long()
     xy, depth = project(verts.detach(), cams, height, width)  # (B, V, 2), (B, V)
+    return rasterize_screen(xy, depth, faces, height, width, near)
+
+
+@torch.no_grad()
+def rasterize_screen(xy: Tensor, depth: Tensor, faces: Tensor, height: int, width: int,
+                     near: float = 1e-3) -> Tensor:
+    """`rasterize` for vertices already in pixel coordinates (B, V, 2) with depths (B, V): also
+    for drawing a mesh into its UV atlas (depth 1 everywhere)."""
+    B, device = xy.shape[0], xy.device
+    faces = faces.long()
     tri_xy, tri_z = xy[:, faces], depth[:, faces]  # (B, F, 3, 2), (B, F, 3)
     lo = (tri_xy.amin(2) - 0.5).ceil().clamp(min=0)  # first pixel index whose centre may be inside
     hi = (tri_xy.amax(2) - 0.5).floor()
@@ -85,18 +93,23 @@ def rasterize(verts: Tensor, faces: Tensor, cams: Cameras, height: int, width: i
 def barycentrics(verts: Tensor, faces: Tensor, face_id: Tensor, cams: Cameras) -> Tensor:
     """Perspective-correct barycentric weights (B, H, W, 3) of each pixel centre in its visible
     triangle (zeros where face_id is -1); differentiable w.r.t. `verts`."""
+    xy, depth = project(verts, cams, face_id.shape[1], face_id.shape[2])  # with grad
+    return barycentrics_screen(xy, depth, faces, face_id)
+
+
+def barycentrics_screen(xy: Tensor, depth: Tensor, faces: Tensor, face_id: Tensor) -> Tensor:
+    """`barycentrics` for vertices already in pixel coordinates (B, V, 2) with depths (B, V)."""
     B, height, width = face_id.shape
-    xy, depth = project(verts, cams, height, width)  # with grad
     b_idx, py, px = (face_id >= 0).nonzero(as_tuple=True)
     tri = faces.long()[face_id[b_idx, py, px]]  # (P, 3) vertex ids
-    p = torch.stack([px, py], -1).to(verts.dtype) + 0.5
+    p = torch.stack([px, py], -1).to(xy.dtype) + 0.5
     a, b, c = (xy[b_idx, tri[:, k]] for k in range(3))
     za, zb, zc = (depth[b_idx, tri[:, k]] for k in range(3))
     area = _edge(a, b, c)
     s = torch.stack([_edge(b, c, p), _edge(c, a, p), _edge(a, b, p)], -1) / area[:, None]  # screen space
     persp = s / torch.stack([za, zb, zc], -1)
     persp = persp / persp.sum(-1, keepdim=True)
-    out = verts.new_zeros(B, height, width, 3)
+    out = xy.new_zeros(B, height, width, 3)
     return out.index_put((b_idx, py, px), persp)
 
 

@@ -74,8 +74,12 @@ class BaseSystem(L.LightningModule):
         configs = stage_configs(cfg)
         self.stage_steps = allocate_steps(cfg, configs)
         self.stages = nn.ModuleList(Stage(c, configs[k - 1] if k else None, n) for k, c in enumerate(configs))
-        for stage, steps in zip(self.stages, self.stage_steps):
+        for k, (stage, steps) in enumerate(zip(self.stages, self.stage_steps)):
             stage.steps = steps  # stage-local schedules (VSD's t anneal) count these
+            if k and stage.cfg.init == "previous":
+                previous = self.stages[k - 1]
+                parts.check_start(stage.cfg.name, stage.particles[0].geometry, previous.cfg.name,
+                                  previous.particles[0].geometry)
             sh = stage.cfg.shading
             parts.check(self, stage.particles[0].geometry, stage.renderer, stage.guidance,
                         {k.removeprefix("lambda_"): v for k, v in stage.cfg.loss.items()},
@@ -205,7 +209,7 @@ class BaseSystem(L.LightningModule):
         self.log("train/stage", float(k), batch_size=batch_size)
         if self.global_step == self.stage_ends[k] and k < len(self.stages) - 1:
             # Here, not in a hook: the checkpoint written at this step must already know it ended.
-            self.end_stage(k, final_loss=float(total))
+            self.end_stage(k, final_loss=float(total.detach()))
         return total.detach()
 
     def particle_loss(self, stage: Stage, particle, step: int, lam: dict) -> tuple[torch.Tensor, dict, dict]:

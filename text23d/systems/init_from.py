@@ -1,9 +1,10 @@
 """`init_from=<run dir or ckpt>`: refine an earlier run without copying checkpoint paths by hand.
 
 The earlier run's final 3D representation (the stage its checkpoint was in) takes the place of
-every stage of this system before the first one that starts from a previous stage: those are
-marked done (0 steps) and the stage before it gets the earlier run's geometry and background
-config, then its weights. `text23d system=magic3d init_from=outputs/dreamfusion/<run>` runs only
+this system's stages up to that stage when it has one of that name (a Magic3D run stopped after
+its coarse stage), else up to the first one that starts from a previous stage: those are marked
+done (0 steps) and the last of them gets the earlier run's geometry and background config, then
+its weights. `text23d system=magic3d init_from=outputs/dreamfusion/<run>` runs only
 Magic3D's fine stage, starting from that DreamFusion run.
 """
 from __future__ import annotations
@@ -35,7 +36,14 @@ def prepare(cfg: DictConfig) -> tuple[DictConfig, dict | None]:
         return cfg, None
     source_cfg, state, source_stage, source_index = _source(cfg.init_from)
     stages = stage_configs(cfg)
-    target = next((k for k, st in enumerate(stages) if k and st.init == "previous"), None)
+    names = [st.name for st in stages]
+    if source_stage in names:  # a run of this system: go on after the stage it reached
+        target = names.index(source_stage) + 1
+        if target == len(stages):
+            raise ConfigError(f"init_from={cfg.init_from} already reached stage {source_stage}, the last of "
+                              f"{names}. Fix: resume={cfg.init_from} trainer.max_steps=... to train it longer")
+    else:
+        target = next((k for k, st in enumerate(stages) if k and st.init == "previous"), None)
     if target is None:
         raise ConfigError(f"init_from={cfg.init_from}: system {cfg.system.name} has no stage that starts from a "
                           f"previous one ({[st.name for st in stages]}), so nothing can start from that run. "

@@ -86,3 +86,18 @@ def check(system, geometry, renderer, guidance, loss_weights: dict, shading_need
     if missing:
         _refuse(name("system", system), missing, name("guidance", guidance),
                 FIX.get(("guidance", sorted(missing)[0]), "a guidance that provides it"))
+
+
+def check_start(stage: str, geometry, previous: str, previous_geometry) -> None:
+    """A stage that starts from the previous one (init: previous) must get what its geometry starts
+    from: a mesh geometry takes the previous stage's density field, any other one a geometry of its
+    own kind to copy."""
+    need = set(getattr(geometry, "needs_previous", ()))
+    missing = need - set(previous_geometry.provides)
+    same = type(geometry) is type(previous_geometry)
+    if missing or (not need and not same):
+        wanted = " and ".join(WHAT.get(n, n) for n in sorted(missing)) or f"a {type(geometry).__name__} to copy"
+        raise ConfigError(f"stage {stage}: {name('geometry', geometry)} (init: previous) needs {wanted} from the stage "
+                          f"before, which stage {previous}'s {name('geometry', previous_geometry)} does not provide. "
+                          f"Fix: a density geometry for stage {previous} (geometry=grid, nerf or hashgrid), or "
+                          f"system.stage.{stage}.init=blob")
