@@ -28,14 +28,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 def evaluate(pairs, system: str, cfg_scale: float, out: Path, overrides: list[str], held: set,
              seeds: list[int]) -> tuple[list[dict], list[dict]]:
-    """One row per asset (every particle of every seed); one diversity row per prompt when a
-    prompt has several assets."""
+    """One row per asset (every particle of every seed, and for a system of several stages every
+    stage, from the checkpoint kept at its end); one diversity row per prompt when a prompt has
+    several assets (of the last stage)."""
     import lightning as L
 
+    from text23d.builtin.evaluate import caption_of, diversity, score_asset
     from text23d.config import compose, slugify
-    from text23d.export.video import save_image
-    from text23d.builtin.evaluate import caption_of, colour_error, diversity, score_asset, score_mesh, strip
-    from text23d.run import build_system, load_system, run
+    from text23d.run import build_system, export_only, run
 
     results, spread = [], []
     for shape, colour in pairs:
@@ -53,36 +53,63 @@ def evaluate(pairs, system: str, cfg_scale: float, out: Path, overrides: list[st
             start = time.time()
             summary = run(cfg)
             wall = time.time() - start
-            system_obj, _, _ = load_system(run_dir)
-            meshes = [p["mesh_glb"] for p in summary["artifacts"].get("particles", [summary["artifacts"]])]
-            for i in range(len(system_obj.particles)):
-                r = score_asset(system_obj, shape, colour, particle=i)
-                views = r.pop("views")
-                group.append(views)
-                # The file a user takes away: the exported GLB, judged the same way, and how far its
-                # colours are from the renders' over the same orbit.
-                m = score_mesh(meshes[i], shape, colour, system_obj.camera_sampler)
-                r.update({f"mesh_{k}": m[k] for k in ("iou", "predicted_shape", "shape_correct", "predicted_colour",
-                                                      "colour_correct", "symmetry", "faces")})
-                r["mesh_colour_error"] = colour_error(views, m["views"])
-                r["mesh_colour_error_vertex_albedo"] = vertex_albedo_error(system_obj, i, meshes[i], views)
-                name = "eval_strip.png" if len(system_obj.particles) == 1 else f"eval_strip_p{i}.png"
-                tiles = strip(views, shape, colour, r["best_scale"], r["best_rotation"], system_obj.camera_sampler,
-                              m["views"])
-                save_image(tiles, run_dir / name)
-                r.update({"prompt": prompt, "held_out": (shape, colour) in held, "seed": seed, "particle": i,
-                          "wall_time_s": round(wall, 1), "blob_iou": blob["iou"],
-                          "blob_predicted_shape": blob["predicted_shape"], "strip": str(run_dir / name),
-                          "run_dir": str(run_dir), "mesh": meshes[i]})
-                results.append(r)
-                print(json.dumps({k: r[k] for k in ("prompt", "seed", "particle", "iou", "predicted_shape",
-                                                    "predicted_colour", "mesh_iou", "mesh_predicted_shape",
-                                                    "mesh_predicted_colour", "mesh_colour_error", "symmetry",
-                                                    "mesh_symmetry", "blob_iou", "wall_time_s")}), flush=True)
+            stages = summary["stages"]
+            elapsed = 0.0
+            for k, stage in enumerate(stages):
+                elapsed += stage.get("wall_time_s") or 0.0
+                last = k == len(stages) - 1
+                if not last:  # the mesh of an earlier stage: exported from the checkpoint kept at its end
+                    ckpt = run_dir / "ckpts" / f"{stage['name']}.ckpt"
+                    export_only(compose([f"export.ckpt={ckpt}", "export.video_views=8"]))
+                else:
+                    ckpt = run_dir
+                rows = score_run(ckpt, shape, colour, run_dir, tag="" if last else f"_{stage['name']}")
+                for r in rows:
+                    r.update({"prompt": prompt, "held_out": (shape, colour) in held, "seed": seed,
+                              "stage": stage["name"], "wall_time_s": round(wall if last else elapsed, 1),
+                              "blob_iou": blob["iou"], "blob_predicted_shape": blob["predicted_shape"],
+                              "run_dir": str(run_dir)})
+                    if last:
+                        group.append(r.pop("views"))
+                    else:
+                        r.pop("views")
+                    results.append(r)
+                    print(json.dumps({key: r[key] for key in (
+                        "prompt", "seed", "stage", "particle", "iou", "predicted_shape", "predicted_colour", "mesh_iou",
+                        "mesh_predicted_shape", "mesh_predicted_colour", "mesh_colour_error", "symmetry",
+                        "mesh_symmetry", "blob_iou", "wall_time_s")}), flush=True)
         if len(group) > 1:
             spread.append({"prompt": prompt, **diversity(group)})
             print(json.dumps(spread[-1]), flush=True)
     return results, spread
+
+
+def score_run(ckpt, shape: str, colour: str, run_dir: Path, tag: str) -> list[dict]:
+    """Every particle of a checkpoint, judged on its renders and on the GLB exported from it."""
+    from text23d.builtin.evaluate import colour_error, score_asset, score_mesh, strip
+    from text23d.export.video import save_image
+    from text23d.run import load_system
+
+    system, step, _ = load_system(ckpt)
+    stage = system.stage_tag()
+    meshes = sorted((run_dir / "save" / f"{stage}it{step:06d}-export").glob("*.glb"))
+    rows = []
+    for i in range(len(system.particles)):
+        r = score_asset(system, shape, colour, particle=i)
+        glb = str(meshes[i])
+        # The file a user takes away: the exported GLB, judged the same way, and how far its
+        # colours are from the renders' over the same orbit.
+        m = score_mesh(glb, shape, colour, system.camera_sampler)
+        r.update({f"mesh_{k}": m[k] for k in ("iou", "predicted_shape", "shape_correct", "predicted_colour",
+                                              "colour_correct", "symmetry", "faces")})
+        r["mesh_colour_error"] = colour_error(r["views"], m["views"])
+        r["mesh_colour_error_vertex_albedo"] = vertex_albedo_error(system, i, glb, r["views"])
+        name = f"eval_strip{tag}.png" if len(system.particles) == 1 else f"eval_strip{tag}_p{i}.png"
+        save_image(strip(r["views"], shape, colour, r["best_scale"], r["best_rotation"], system.camera_sampler,
+                         m["views"]), run_dir / name)
+        r.update({"particle": i, "strip": str(run_dir / name), "mesh": glb})
+        rows.append(r)
+    return rows
 
 
 def vertex_albedo_error(system, particle: int, glb: str, views: list[dict]) -> float:
@@ -191,11 +218,15 @@ def main() -> None:
                          f"and a shape from {list(SHAPES)}, e.g. --prompts \"a blue cube\"")
         for scale in args.cfg:
             results, spread = evaluate(pairs, args.system, scale, out, args.overrides, set(held_out), args.seeds)
-            report["runs"].append({"system": args.label or args.system, "cfg": scale, "overrides": args.overrides,
-                                   "seeds": args.seeds, "assets": "particles" if len(args.seeds) == 1 else "seeds",
-                                   "results": results, "diversity": spread, "summary": {
-                                       "seen": summarise([r for r in results if not r["held_out"]]),
-                                       "held_out": summarise([r for r in results if r["held_out"]])}})
+            names = list(dict.fromkeys(r["stage"] for r in results))
+            for name in names:  # one entry per stage; the last one carries the diversity
+                rows = [r for r in results if r["stage"] == name]
+                label = (args.label or args.system) + (f" ({name})" if len(names) > 1 else "")
+                report["runs"].append({"system": label, "cfg": scale, "overrides": args.overrides,
+                                       "seeds": args.seeds, "assets": "particles" if len(args.seeds) == 1 else "seeds",
+                                       "results": rows, "diversity": spread if name == names[-1] else [],
+                                       "summary": {"seen": summarise([r for r in rows if not r["held_out"]]),
+                                                   "held_out": summarise([r for r in rows if r["held_out"]])}})
     out.mkdir(parents=True, exist_ok=True)
     (out / "eval.json").write_text(json.dumps(report, indent=2))
     print(card_table(report))

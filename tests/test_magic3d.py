@@ -46,6 +46,8 @@ def test_both_stages_run_in_one_command_and_every_artefact_says_which(straight):
     assert "isosurface_threshold" not in summary["metrics"]  # a DMTet mesh: no level was chosen
     ckpt = torch.load(out / "ckpts" / "last.ckpt", weights_only=True)
     assert ckpt["text23d"]["stage"] == "fine" and ckpt["state_dict"]["stage_started"].tolist() == [True, True]
+    coarse = torch.load(out / "ckpts" / "coarse.ckpt", weights_only=True)  # kept at the stage's end
+    assert coarse["global_step"] == 4 and coarse["text23d"]["stage"] == "coarse"
 
 
 def _final(out: Path) -> dict:
@@ -81,6 +83,9 @@ def test_export_from_a_coarse_and_a_fine_checkpoint(straight, tiny_latent_model,
     _, fine_run = straight
     fine = run(compose_cfg([f"export.ckpt={fine_run}", "export.format=obj", "export.video_views=2"]))
     assert "fine-it000006-export" in fine["artifacts"]["mesh_obj"]
+    kept = run(compose_cfg([f"export.ckpt={fine_run / 'ckpts' / 'coarse.ckpt'}", "export.format=obj",
+                            "export.video_views=2", "export.resolution=32"]))
+    assert "coarse-it000004-export" in kept["artifacts"]["mesh_obj"] and "isosurface_threshold" in kept["metrics"]
 
 
 def test_init_from_refines_an_earlier_run_without_copying_paths(tiny_latent_model, tmp_path):

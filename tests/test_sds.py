@@ -97,6 +97,9 @@ def test_timestep_sampling_range(pixel_prior):
     torch.manual_seed(4)
     assert torch.equal(sds.sample_timesteps(pixel_prior, 2000), t)  # global RNG: reproducible
     assert SDSGuidance(max_step_percent=1.0).sample_timesteps(pixel_prior, 5000).max() <= 999
+    annealed = SDSGuidance(anneal_max_step_percent=0.5, anneal_at_fraction=0.4)
+    assert annealed.max_step_at(39, 100) == 0.98 and annealed.max_step_at(40, 100) == 0.5
+    assert annealed.sample_timesteps(pixel_prior, 2000, annealed.max_step_at(70, 100)).max() == 500
 
 
 @pytest.mark.parametrize(
@@ -106,6 +109,7 @@ def test_timestep_sampling_range(pixel_prior):
         ({"min_step_percent": 0.5, "max_step_percent": 0.5}, "need 0 < min < max <= 1"),
         ({"max_step_percent": 1.5}, "max_step_percent=1.5"),
         ({"min_step_percent": 0.3, "max_step_percent": 0.2}, "max_step_percent=0.2"),
+        ({"anneal_max_step_percent": 0.01}, "anneal_max_step_percent=0.01"),
         ({"weighting": "sjc"}, "weighting='sjc'"),
         ({"guidance_scale": -1.0}, "guidance_scale=-1.0"),
         ({"grad_clip": 0.0}, "grad_clip=0.0"),

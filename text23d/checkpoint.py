@@ -29,15 +29,19 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
 class PeriodicCheckpoint(L.Callback):
     """`last.ckpt` every `every_n_train_steps` steps (0: only at the end), at the end of every stage
-    (a run killed at a boundary resumes into the next stage), and when training ends."""
+    (a run killed at a boundary resumes into the next stage), and when training ends. At the end of
+    a stage that hands over to another, a copy stays as `<stage>.ckpt`, for export= and init_from=."""
 
     def __init__(self, path: Path, every_n_train_steps: int):
         self.path, self.every = Path(path), every_n_train_steps
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        step = trainer.global_step
-        if (self.every and step % self.every == 0) or step in getattr(pl_module, "stage_ends", [])[:-1]:
+        step, ends = trainer.global_step, getattr(pl_module, "stage_ends", [])[:-1]
+        if (self.every and step % self.every == 0) or step in ends:
             trainer.save_checkpoint(self.path, weights_only=False)
+        if step in ends:
+            name = pl_module.stages[ends.index(step)].cfg.name
+            trainer.save_checkpoint(self.path.with_name(f"{name}.ckpt"), weights_only=False)
 
     def on_train_end(self, trainer, pl_module) -> None:
         trainer.save_checkpoint(self.path, weights_only=False)

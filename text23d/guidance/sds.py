@@ -29,6 +29,8 @@ class SDSGuidance:
         max_step_percent: float = 0.98,
         weighting: str = "sds",
         grad_clip: float | None = None,
+        anneal_max_step_percent: float | None = None,
+        anneal_at_fraction: float = 0.5,
     ):
         if not guidance_scale >= 0:
             raise ConfigError(
@@ -47,29 +49,46 @@ class SDSGuidance:
         self.guidance_scale = float(guidance_scale)
         self.weighting = weighting
         self.grad_clip = grad_clip
+        if anneal_max_step_percent is not None and not 0 < min_step_percent < anneal_max_step_percent <= 1:
+            raise ConfigError(
+                f"anneal_max_step_percent={anneal_max_step_percent} must lie in (min_step_percent={min_step_percent}, 1], "
+                "or be null (no anneal). Fix: e.g. anneal_max_step_percent=0.5"
+            )
+        if not 0 <= anneal_at_fraction <= 1:
+            raise ConfigError(f"anneal_at_fraction={anneal_at_fraction} must be in [0, 1] (a fraction of the stage's steps)")
         self.min_step_percent = float(min_step_percent)
         self.max_step_percent = float(max_step_percent)
+        self.anneal_max_step_percent = anneal_max_step_percent
+        self.anneal_at_fraction = float(anneal_at_fraction)
 
-    def sample_timesteps(self, prior, batch_size: int) -> torch.Tensor:
+    def max_step_at(self, step: int | None, max_steps: int | None) -> float:
+        """max t as a fraction of T: max_step_percent, then anneal_max_step_percent once step ≥
+        anneal_at_fraction · max_steps (late steps at lower noise refine what the early ones shaped)."""
+        if self.anneal_max_step_percent is None or step is None or max_steps is None:
+            return self.max_step_percent
+        return self.anneal_max_step_percent if step >= self.anneal_at_fraction * max_steps else self.max_step_percent
+
+    def sample_timesteps(self, prior, batch_size: int, max_step_percent: float | None = None) -> torch.Tensor:
         """t ~ U{min·T, ..., max·T}, one per view, from torch's global CPU RNG (device independent)."""
         steps = prior.num_train_timesteps
         low = int(self.min_step_percent * steps)
-        high = min(int(self.max_step_percent * steps), steps - 1)
+        top = self.max_step_percent if max_step_percent is None else max_step_percent
+        high = min(int(top * steps), steps - 1)
         return torch.randint(low, high + 1, (batch_size,)).to(prior.device)
 
-    def __call__(self, prior, rgb, text_cond, text_uncond, t=None, noise=None) -> dict:
+    def __call__(self, prior, rgb, text_cond, text_uncond, t=None, noise=None, step=None, max_steps=None) -> dict:
         """rgb (B, H, W, 3) in [0, 1], text_cond/text_uncond (B, L, D) -> {"loss_sds", "grad_norm", "t"}."""
         if rgb.ndim != 4 or rgb.shape[-1] != 3:
             raise ValueError(f"SDS expects rgb in renderer layout (B, H, W, 3), got {tuple(rgb.shape)}")
         x = prior.images_to_model_space(rgb.permute(0, 3, 1, 2))  # (B, C, h, w)
-        return self.from_model_space(prior, x, text_cond, text_uncond, t=t, noise=noise)
+        return self.from_model_space(prior, x, text_cond, text_uncond, t=t, noise=noise, step=step, max_steps=max_steps)
 
-    def from_model_space(self, prior, x, text_cond, text_uncond, t=None, noise=None) -> dict:
+    def from_model_space(self, prior, x, text_cond, text_uncond, t=None, noise=None, step=None, max_steps=None) -> dict:
         """The same loss for an x already in model space (B, C, h, w); gradients flow to x."""
         batch = x.shape[0]
         x = x.float()  # the surrogate loss and its gradient in float32 even for a half-precision prior
         if t is None:
-            t = self.sample_timesteps(prior, batch)
+            t = self.sample_timesteps(prior, batch, self.max_step_at(step, max_steps))
         t = torch.as_tensor(t, device=x.device).long().reshape(-1).expand(batch)
         if noise is None:
             noise = torch.randn(x.shape).to(x.device)  # CPU RNG: same draw on every device

@@ -6,4 +6,4 @@ from text23d.systems.base import BaseSystem
 
 class DreamFusion(BaseSystem):
     def guide(self, stage, rgb, cond, uncond, cams, step: int) -> dict:
-        return stage.guidance(self.prior, rgb, cond, uncond)
+        return stage.guidance(self.prior, rgb, cond, uncond, step=step, max_steps=stage.steps)
