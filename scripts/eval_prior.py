@@ -173,10 +173,14 @@ def per_asset_table(results: list[dict]) -> str:
 def update_card(card: Path, report: dict) -> None:
     text = card.read_text()
     head = text.split("## Evaluation")[0]
+    first = report["runs"][0]
+    # Every run of the first configuration (runs made side by side and combined split the prompts).
+    rows = [r for run_ in report["runs"] if (run_["system"], run_["cfg"]) == (first["system"], first["cfg"])
+            for r in run_["results"]]
     card.write_text(head + "## Evaluation\n\nWritten by `python " + " ".join(report["command"]) + "` "
                     f"on {report['machine']}. Wrong verdicts are in capitals with a '!'.\n\n" + card_table(report)
-                    + "\n\nPer asset (" + report["runs"][0]["system"] + f", CFG {report['runs'][0]['cfg']:g}):\n\n"
-                    + per_asset_table(report["runs"][0]["results"]) + "\n")
+                    + "\n\nPer asset (" + first["system"] + f", CFG {first['cfg']:g}):\n\n"
+                    + per_asset_table(rows) + "\n")
 
 
 def main() -> None:

@@ -44,6 +44,7 @@ from text23d.builtin.tokenizer import write_word_tokenizer
 
 RESOLUTION = 32
 MAX_TOKENS = 16  # "a yellow cylinder, overhead view" is 8 tokens with start/end
+PAIRS = [(s, c) for s in SHAPES for c in COLOURS]  # rows of samples.png: shapes; columns: colours
 DEFAULT_OUT = Path(__file__).resolve().parents[1] / "text23d" / "builtin" / "model"
 
 
@@ -78,6 +79,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--eval-samples", type=int, default=4, help="DDIM samples per (shape, colour) pair judged at the end")
     p.add_argument("--judge-only", type=Path, default=None, metavar="FOLDER",
                    help="train nothing: sample an existing model folder, judge the samples, print the rates")
+    p.add_argument("--from-probe", type=Path, default=None, metavar="FOLDER",
+                   help="finish from a probe of a run made with these same flags (its weights at step k are those of "
+                        "--steps k): judge, write the samples and the card, and swap it into --out, without retraining")
+    p.add_argument("--log", type=Path, default=None,
+                   help="with --from-probe: that run's printed log, for the card's loss history and times")
     p.add_argument("--caption-dropout", type=float, default=0.1,
                    help='fraction of captions replaced by "" (the unconditional branch of CFG)')
     p.add_argument("--log-every", type=int, default=25)
@@ -96,6 +102,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.steps is not None and args.steps < 1:
         p.error(f"--steps={args.steps}: must be >= 1")
     if args.judge_only is not None:
+        return args
+    if args.from_probe is not None:
+        if not (args.from_probe / "unet").is_dir():
+            p.error(f"--from-probe={args.from_probe}: not a probe folder (no unet/); probes are written to "
+                    f"<out>.probes/stepNNNNNN by --probe-every")
+        args.steps = int(args.from_probe.name.removeprefix("step"))
+        args.minutes = None
         return args
     if (args.steps is None) == (args.minutes is None):
         p.error("pass exactly one of --steps N (reproducible) and --minutes M")
@@ -371,7 +384,7 @@ def view_sensitivity(unet, text_encoder, tokenizer, scheduler, device, n: int = 
 
 def sample_grid(tiles: np.ndarray) -> Image.Image:
     """The first sample of each (shape, colour) pair: rows are shapes, columns colours."""
-    return _grid_image([(s, c) for s in SHAPES for c in COLOURS], tiles)
+    return _grid_image(PAIRS, tiles)
 
 
 def _grid_image(pairs, tiles: np.ndarray) -> Image.Image:
@@ -394,10 +407,42 @@ def _grid_image(pairs, tiles: np.ndarray) -> Image.Image:
     return grid
 
 
+def reproducing_argv(args) -> list[str]:
+    """This command line, or for --from-probe the training run that makes the same weights: the
+    same flags with --steps k in place of --from-probe/--log/--minutes/--steps."""
+    if args.from_probe is None:
+        return sys.argv
+    argv, skip = [], False
+    for a in sys.argv:
+        if skip:
+            skip = False
+            continue
+        name = a.split("=")[0]
+        if name in ("--from-probe", "--log", "--minutes", "--steps", "--probe-every"):
+            skip = "=" not in a
+            continue
+        argv.append(a)
+    return argv + ["--steps", str(args.steps)]
+
+
+def history_from_log(log: Path | None, steps: int) -> tuple[list, float, float, float]:
+    """(history [(step, smoothed loss)], final smoothed loss, training seconds, data seconds) up to
+    `steps`, read back from a run's printed log (the lines `train` and `main` print)."""
+    history, train_s, data_s = [], float("nan"), float("nan")
+    for line in (log.read_text().splitlines() if log else []):
+        w = line.split()
+        if line.startswith("data:") and "in" in w:
+            data_s = float(w[w.index("in") + 1])
+        elif len(w) >= 12 and w[0] == "step" and w[1].isdigit() and int(w[1]) <= steps:
+            history.append((int(w[1]), float(w[5])))  # step N loss L smoothed S lr X T s/step M min
+            train_s = float(w[10]) * 60
+    return history, (history[-1][1] if history else float("nan")), train_s, data_s
+
+
 def write_card(folder: Path, args, summary: dict, device, data_seconds: float, n_params: dict, rates: dict) -> None:
     held = ", ".join(f"{c} {s}" for s, c in HELD_OUT)
     history = "\n".join(f"| {s} | {l:.4f} |" for s, l in summary["history"])
-    command = "HF_HUB_OFFLINE=1 python " + " ".join(shlex.quote(a) for a in sys.argv)
+    command = "HF_HUB_OFFLINE=1 python " + " ".join(shlex.quote(a) for a in reproducing_argv(args))
     card = f"""# text23d built-in prior
 
 A 32×32 pixel-space text-to-image diffusion model trained from scratch by `scripts/train_prior.py`
@@ -509,19 +554,29 @@ def _progress_printer(t0: float):
     return report
 
 
-def judge_folder(args, device) -> dict:
-    """Sample a saved model folder (this script's or an older one) and judge the samples."""
+def evaluator(args, tokenizer, scheduler, device):
+    """evaluate(unet, text_encoder, per_pair) -> (samples, rates): DDIM samples of every pair,
+    per_pair times (the first len(PAIRS) are one of each), judged by the 2D judge."""
     from text23d.builtin.judge2d import ImageJudge
 
+    judge = ImageJudge()
+
+    def evaluate(unet_, text_, per_pair: int) -> tuple[np.ndarray, dict]:
+        wanted = PAIRS * per_pair
+        images_ = sample(unet_, text_, tokenizer, scheduler, device, eval_captions(wanted),
+                         args.sample_steps, args.guidance_scale, seed=args.seed)
+        return images_, judge_samples(images_, wanted, judge)
+    return evaluate
+
+
+def judge_folder(args, device) -> dict:
+    """Sample a saved model folder (this script's or an older one) and judge the samples."""
     folder = args.judge_only
     unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet").to(device).eval()
     text = CLIPTextModel.from_pretrained(folder, subfolder="text_encoder").to(device).eval()
     tokenizer = CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer")
     scheduler = DDPMScheduler.from_pretrained(folder, subfolder="scheduler")
-    pairs = [(s, c) for s in SHAPES for c in COLOURS] * args.eval_samples
-    images = sample(unet, text, tokenizer, scheduler, device, eval_captions(pairs),
-                    args.sample_steps, args.guidance_scale, seed=args.seed)
-    rates = judge_samples(images, pairs, ImageJudge())
+    _, rates = evaluator(args, tokenizer, scheduler, device)(unet, text, args.eval_samples)
     rates["view_sensitivity"] = view_sensitivity(unet, text, tokenizer, scheduler, device)
     print(json.dumps({"folder": str(folder), "cfg": args.guidance_scale, **rates}), flush=True)
     return rates
@@ -533,6 +588,8 @@ def main(argv=None) -> Path:
     if args.judge_only is not None:
         judge_folder(args, device)
         return args.judge_only
+    if args.from_probe is not None:
+        return finish_from_probe(args, device)
     torch.manual_seed(args.seed)
     out = args.out.resolve()
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -561,16 +618,7 @@ def main(argv=None) -> Path:
                 for name, m in (("unet", unet), ("text_encoder", text_encoder))}
     print(f"parameters: unet {n_params['unet']:,}, text encoder {n_params['text_encoder']:,}", flush=True)
 
-    from text23d.builtin.judge2d import ImageJudge
-
-    judge = ImageJudge()
-    pairs = [(s, c) for s in SHAPES for c in COLOURS]
-
-    def evaluate(unet_, text_, per_pair: int) -> tuple[np.ndarray, dict]:
-        wanted = pairs * per_pair  # the first len(pairs) are one sample of every pair
-        images_ = sample(unet_, text_, tokenizer, scheduler, device, eval_captions(wanted),
-                         args.sample_steps, args.guidance_scale, seed=args.seed)
-        return images_, judge_samples(images_, wanted, judge)
+    evaluate = evaluator(args, tokenizer, scheduler, device)
 
     def probe(step: int, unet_, text_) -> None:
         """Judge 2 samples a pair and keep the weights, so a good step count can be chosen later."""
@@ -582,7 +630,7 @@ def main(argv=None) -> Path:
         save_folder(folder, unet_, text_, scheduler)
         images_, rates = evaluate(unet_, text_, 2)
         rates["view_sensitivity"] = view_sensitivity(unet_, text_, tokenizer, scheduler, device)
-        sample_grid(images_[:len(pairs)]).save(folder / "samples.png")
+        sample_grid(images_[:len(PAIRS)]).save(folder / "samples.png")
         (folder / "samples.json").write_text(json.dumps(rates, indent=2))
         print(f"probe step {step}: {json.dumps(rates)} ({time.time() - t:.0f} s)", flush=True)
 
@@ -591,11 +639,19 @@ def main(argv=None) -> Path:
           f"final smoothed loss {summary['final_loss']:.4f}", flush=True)
 
     save_folder(staging, summary["unet"], summary["text_encoder"], scheduler)
+    return finish(args, staging, out, summary, device, data_seconds, n_params, tokenizer, scheduler, evaluate)
+
+
+def finish(args, staging: Path, out: Path, summary: dict, device, data_seconds: float, n_params: dict,
+           tokenizer, scheduler, evaluate) -> Path:
+    """Judge the saved model's samples, write samples.png/json and the card, swap it into `out`."""
+    from text23d.builtin.judge2d import ImageJudge
+
     images_, rates = evaluate(summary["unet"], summary["text_encoder"], args.eval_samples)
-    rates["judge_on_true_renders"] = judge.self_test()
+    rates["judge_on_true_renders"] = ImageJudge().self_test()
     rates["view_sensitivity"] = view_sensitivity(summary["unet"], summary["text_encoder"], tokenizer, scheduler, device)
     print(f"samples: {json.dumps(rates)}", flush=True)
-    sample_grid(images_[:len(pairs)]).save(staging / "samples.png")
+    sample_grid(images_[:len(PAIRS)]).save(staging / "samples.png")
     (staging / "samples.json").write_text(json.dumps(rates, indent=2) + "\n")
     write_card(staging, args, summary, device, data_seconds, n_params, rates)
     replace_folder(staging, out)
@@ -603,6 +659,26 @@ def main(argv=None) -> Path:
     print(f"wrote {out} ({size / 2**20:.1f} MiB)", flush=True)
     return out
 
+
+def finish_from_probe(args, device) -> Path:
+    """--from-probe: the probe's weights are the run of --steps k (constant schedule after
+    warm-up), so judging them and writing the card gives the folder that run would have written."""
+    out = args.out.resolve()
+    staging = out.with_name(out.name + ".partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    shutil.copytree(args.from_probe, staging, ignore=shutil.ignore_patterns("samples.*"))
+    unet = UNet2DConditionModel.from_pretrained(staging, subfolder="unet").to(device).eval()
+    text = CLIPTextModel.from_pretrained(staging, subfolder="text_encoder").to(device).eval()
+    tokenizer = CLIPTokenizer.from_pretrained(staging, subfolder="tokenizer")
+    scheduler = DDPMScheduler.from_pretrained(staging, subfolder="scheduler")
+    history, final_loss, train_s, data_s = history_from_log(args.log, args.steps)
+    summary = {"unet": unet, "text_encoder": text, "steps": args.steps, "final_loss": final_loss,
+               "train_seconds": train_s, "history": history}
+    n_params = {"unet": sum(p.numel() for p in unet.parameters()),
+                "text_encoder": sum(p.numel() for p in text.parameters())}
+    evaluate = evaluator(args, tokenizer, scheduler, device)
+    print(f"finishing {args.from_probe} (step {args.steps}) into {out}", flush=True)
+    return finish(args, staging, out, summary, device, data_s, n_params, tokenizer, scheduler, evaluate)
 
 if __name__ == "__main__":
     main()
