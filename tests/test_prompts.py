@@ -53,6 +53,9 @@ def test_embeddings_follow_directions(tiny_pixel_model, tmp_path):
     expected = prior.encode_text([f"a red cube, {d} view" for d in ("front", "back", "overhead")])
     assert text_close(cond, expected)  # 5 prompts encoded together vs 3
     assert text_close(uncond, prior.encode_text(["blue"]).expand(3, -1, -1))
+    # The prompt without view words, for view guidance (guidance.view_guidance_scale).
+    assert text_close(pp.plain(3), prior.encode_text(["a red cube"]).expand(3, -1, -1))
+    assert not text_close(pp.plain(1), expected[:1])
 
 
 def test_cache_hit_skips_text_encoder(tiny_latent_model, tmp_path):
@@ -61,7 +64,7 @@ def test_cache_hit_skips_text_encoder(tiny_latent_model, tmp_path):
     computed.prepare(first)
     assert first.text_encoder_loaded
     files = sorted(tmp_path.glob("*.safetensors"))
-    assert len(files) == 5  # four views + the empty negative prompt
+    assert len(files) == 6  # four views, the prompt without a view, the empty negative prompt
     assert not list(tmp_path.glob("*.tmp"))
     with safe_open(str(files[0]), "pt") as f:
         assert f.metadata()["prior"] == first.cache_key

@@ -50,6 +50,34 @@ def test_sds_gradient_parity(latent_prior, weighting):
     assert torch.equal(out["t"], t)
 
 
+def test_view_guidance_scales_the_view_words_on_their_own(pixel_prior):
+    """ε̂ = ε_u + s·(ε_y − ε_u) + s_v·(ε_c − ε_y) against three separate U-Net calls; s_v = s is plain CFG."""
+    torch.manual_seed(5)
+    emb = pixel_prior.encode_text(["a red cube, front view", "", "a red cube"])  # (3, L, D)
+    cond, uncond, plain = (e[None].expand(2, -1, -1) for e in emb)
+    x = torch.randn(2, 3, 16, 16, requires_grad=True)
+    t, noise = torch.tensor([300, 800]), torch.randn(2, 3, 16, 16)
+    sds = SDSGuidance(guidance_scale=7.5, view_guidance_scale=30.0)
+    sds.from_model_space(pixel_prior, x, cond, uncond, t=t, noise=noise, text_plain=plain)["loss_sds"].backward()
+    alpha = pixel_prior.scheduler.alphas_cumprod[t].view(-1, 1, 1, 1)
+    x_t = alpha.sqrt() * x.detach() + (1 - alpha).sqrt() * noise
+    with torch.no_grad():
+        e_c, e_u, e_y = (pixel_prior.unet(x_t, t, encoder_hidden_states=e).sample for e in (cond, uncond, plain))
+    expected = (1 - alpha) * (e_u + 7.5 * (e_y - e_u) + 30.0 * (e_c - e_y) - noise)
+    # Rounding in the three predictions is amplified by |1 − s| + |s − s_v| + |s_v|.
+    tol = NET_RTOL * (6.5 + 22.5 + 30.0) * max(e.abs().max().item() for e in (e_c, e_u, e_y))
+    wrong = (1 - alpha) * (e_u + 7.5 * (e_c - e_u) - noise)  # the view words at the plain CFG scale
+    assert_grad_close(x.grad * 2, expected, tol, wrong=wrong)
+
+    x.grad = None  # s_v = s: exactly the CFG direction of the view caption (ε_y cancels)
+    same = SDSGuidance(guidance_scale=7.5, view_guidance_scale=7.5)
+    same.from_model_space(pixel_prior, x, cond, uncond, t=t, noise=noise, text_plain=plain)["loss_sds"].backward()
+    tol = NET_RTOL * cfg_amplification(7.5) * 2 * max(e.abs().max().item() for e in (e_c, e_u, e_y))
+    assert_grad_close(x.grad * 2, (1 - alpha) * (e_u + 7.5 * (e_c - e_u) - noise), tol)
+    with pytest.raises(ConfigError, match="view_guidance_scale"):  # a system that passes no plain prompt
+        sds.from_model_space(pixel_prior, x, cond, uncond, t=t, noise=noise)
+
+
 def test_grad_clip_bounds(latent_prior):
     torch.manual_seed(1)
     cond, uncond = _text(latent_prior, 1)
@@ -113,6 +141,7 @@ def test_timestep_sampling_range(pixel_prior):
         ({"weighting": "sjc"}, "weighting='sjc'"),
         ({"guidance_scale": -1.0}, "guidance_scale=-1.0"),
         ({"grad_clip": 0.0}, "grad_clip=0.0"),
+        ({"view_guidance_scale": -1.0}, "view_guidance_scale=-1.0"),
     ],
 )
 def test_invalid_arguments(kwargs, match):

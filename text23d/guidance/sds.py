@@ -31,6 +31,7 @@ class SDSGuidance:
         grad_clip: float | None = None,
         anneal_max_step_percent: float | None = None,
         anneal_at_fraction: float = 0.5,
+        view_guidance_scale: float | None = None,
     ):
         if not guidance_scale >= 0:
             raise ConfigError(
@@ -56,6 +57,10 @@ class SDSGuidance:
             )
         if not 0 <= anneal_at_fraction <= 1:
             raise ConfigError(f"anneal_at_fraction={anneal_at_fraction} must be in [0, 1] (a fraction of the stage's steps)")
+        if view_guidance_scale is not None and not view_guidance_scale >= 0:
+            raise ConfigError(f"view_guidance_scale={view_guidance_scale} must be >= 0, or null (the view words get "
+                              "guidance_scale like the rest of the prompt). Fix: e.g. view_guidance_scale=30")
+        self.view_guidance_scale = None if view_guidance_scale is None else float(view_guidance_scale)
         self.min_step_percent = float(min_step_percent)
         self.max_step_percent = float(max_step_percent)
         self.anneal_max_step_percent = anneal_max_step_percent
@@ -68,6 +73,25 @@ class SDSGuidance:
             return self.max_step_percent
         return self.anneal_max_step_percent if step >= self.anneal_at_fraction * max_steps else self.max_step_percent
 
+    def guided_noise(self, prior, x_t, t, text_cond, text_uncond, text_plain=None) -> torch.Tensor:
+        """ε̂ = ε_u + s·(ε_c − ε_u) (classifier-free guidance), in one U-Net call on [cond; uncond].
+        With view_guidance_scale s_v, the prompt and its view words get their own scales
+        (compositional guidance, Liu et al. 2022): ε̂ = ε_u + s·(ε_y − ε_u) + s_v·(ε_c − ε_y), ε_y the
+        prompt without view words; s_v = s is plain CFG. A small prior that barely heeds "front
+        right view" makes rotationally symmetric objects (a cube turns into a barrel); a larger s_v
+        makes its view words count without raising the object's CFG."""
+        if self.view_guidance_scale is None:
+            eps_cond, eps_uncond = prior.predict_noise(
+                torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([text_cond, text_uncond])).chunk(2)
+            return eps_uncond + self.guidance_scale * (eps_cond - eps_uncond)
+        if text_plain is None:
+            raise ConfigError("guidance.view_guidance_scale needs the prompt without view words, which this system "
+                              "does not pass. Fix: guidance.view_guidance_scale=null")
+        eps_cond, eps_uncond, eps_plain = prior.predict_noise(
+            torch.cat([x_t, x_t, x_t]), torch.cat([t, t, t]), torch.cat([text_cond, text_uncond, text_plain])).chunk(3)
+        return (eps_uncond + self.guidance_scale * (eps_plain - eps_uncond)
+                + self.view_guidance_scale * (eps_cond - eps_plain))
+
     def sample_timesteps(self, prior, batch_size: int, max_step_percent: float | None = None) -> torch.Tensor:
         """t ~ U{min·T, ..., max·T}, one per view, from torch's global CPU RNG (device independent)."""
         steps = prior.num_train_timesteps
@@ -76,14 +100,18 @@ class SDSGuidance:
         high = min(int(top * steps), steps - 1)
         return torch.randint(low, high + 1, (batch_size,)).to(prior.device)
 
-    def __call__(self, prior, rgb, text_cond, text_uncond, t=None, noise=None, step=None, max_steps=None) -> dict:
-        """rgb (B, H, W, 3) in [0, 1], text_cond/text_uncond (B, L, D) -> {"loss_sds", "grad_norm", "t"}."""
+    def __call__(self, prior, rgb, text_cond, text_uncond, t=None, noise=None, step=None, max_steps=None,
+                 text_plain=None) -> dict:
+        """rgb (B, H, W, 3) in [0, 1], text_cond/text_uncond (B, L, D) -> {"loss_sds", "grad_norm", "t"}.
+        text_plain (B, L, D): the prompt without view words, needed when view_guidance_scale is set."""
         if rgb.ndim != 4 or rgb.shape[-1] != 3:
             raise ValueError(f"SDS expects rgb in renderer layout (B, H, W, 3), got {tuple(rgb.shape)}")
         x = prior.images_to_model_space(rgb.permute(0, 3, 1, 2))  # (B, C, h, w)
-        return self.from_model_space(prior, x, text_cond, text_uncond, t=t, noise=noise, step=step, max_steps=max_steps)
+        return self.from_model_space(prior, x, text_cond, text_uncond, t=t, noise=noise, step=step, max_steps=max_steps,
+                                     text_plain=text_plain)
 
-    def from_model_space(self, prior, x, text_cond, text_uncond, t=None, noise=None, step=None, max_steps=None) -> dict:
+    def from_model_space(self, prior, x, text_cond, text_uncond, t=None, noise=None, step=None, max_steps=None,
+                         text_plain=None) -> dict:
         """The same loss for an x already in model space (B, C, h, w); gradients flow to x."""
         batch = x.shape[0]
         x = x.float()  # the surrogate loss and its gradient in float32 even for a half-precision prior
@@ -96,12 +124,7 @@ class SDSGuidance:
 
         with torch.no_grad():  # the U-Net Jacobian is skipped (DreamFusion eq. 3)
             x_t = alpha.sqrt() * x + (1 - alpha).sqrt() * noise  # forward diffusion q(x_t | x)
-            # One U-Net call for both halves of classifier-free guidance: [cond; uncond].
-            eps = prior.predict_noise(
-                torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([text_cond, text_uncond])
-            )  # (2B, C, h, w)
-            eps_cond, eps_uncond = eps.chunk(2)
-            eps_hat = eps_uncond + self.guidance_scale * (eps_cond - eps_uncond)
+            eps_hat = self.guided_noise(prior, x_t, t, text_cond, text_uncond, text_plain)
             # w(t) = 1 − ᾱ_t (DreamFusion appendix A.4): small at low noise, where ε̂ − ε is mostly
             # the model's error on a clean-looking image rather than a useful direction.
             weight = (1 - alpha) if self.weighting == "sds" else torch.ones_like(alpha)

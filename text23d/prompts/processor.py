@@ -154,7 +154,7 @@ class PromptProcessor:
     def prepare(self, prior) -> None:
         """Load the embeddings from the cache, or compute (and cache) the missing ones."""
         self.check_vocabulary(prior)
-        texts = list(dict.fromkeys(self._texts() + [self._encoded_negative]))
+        texts = list(dict.fromkeys(self._texts() + [self._encoded_prompt, self._encoded_negative]))
         cache = self._cache_folder()
         found = {text: self._load(cache, prior, text) for text in texts}
         missing = [text for text, emb in found.items() if emb is None]
@@ -165,6 +165,7 @@ class PromptProcessor:
         found = {text: emb.to(prior.device) for text, emb in found.items()}
         self._cond = torch.stack([found[text] for text in self._texts()])  # (directions, L, D)
         self._uncond = found[self._encoded_negative][None]  # (1, L, D)
+        self._plain = found[self._encoded_prompt][None]  # (1, L, D): the prompt with no view words
 
     def __call__(self, elevation_deg, azimuth_deg) -> tuple[torch.Tensor, torch.Tensor]:
         """Conditional and unconditional embeddings, each (B, L, D), for B cameras."""
@@ -173,6 +174,13 @@ class PromptProcessor:
         ids = self._direction_ids(elevation_deg, azimuth_deg).to(self._cond.device)
         cond = self._cond[ids]  # (B, L, D)
         return cond, self._uncond.expand(len(ids), -1, -1)
+
+    def plain(self, batch: int) -> torch.Tensor:
+        """The prompt's embedding without any view words, (B, L, D): what view guidance contrasts
+        each view's caption with."""
+        if self._cond is None:
+            raise RuntimeError("PromptProcessor.prepare(prior) must be called before use")
+        return self._plain.expand(batch, -1, -1)
 
     def _cache_folder(self) -> Path:
         if self.cache_dir:
