@@ -87,6 +87,31 @@ def test_vsd_gradient_parity_pixel_through_rgb(pixel_prior):
     assert torch.equal(out["x0"], x) and not out["x0"].requires_grad  # what the LoRA trains on
 
 
+def test_vsd_view_guidance_in_the_pretrained_term(pixel_prior):
+    """With view_guidance_scale the pretrained term is ε_u + s·(ε_y − ε_u) + s_v·(ε_c − ε_y) (cfg.py);
+    the LoRA term is untouched. Checked against separate U-Net calls."""
+    torch.manual_seed(6)
+    batch = 2
+    emb = pixel_prior.encode_text(["a red cube, front view", "", "a red cube"])
+    cond, uncond, plain = (e[None].expand(batch, -1, -1) for e in emb)
+    vsd = VSDGuidance(guidance_scale=7.5, view_guidance_scale=30.0)
+    _perturb_lora(vsd.setup(pixel_prior))
+    x = torch.randn(batch, 3, 16, 16, requires_grad=True)
+    c2w, t, noise = _poses(batch), torch.tensor([300, 700]), torch.randn(batch, 3, 16, 16)
+    vsd.from_model_space(pixel_prior, x, cond, uncond, c2w, t=t, noise=noise, text_plain=plain)["loss_vsd"].backward()
+    plain_cfg, tol = _reference_grad(pixel_prior, vsd.lora, x.detach(), cond, uncond, c2w, t, noise, 7.5, 1.0, "sds")
+    alpha = pixel_prior.scheduler.alphas_cumprod[t].view(-1, 1, 1, 1)
+    x_t = alpha.sqrt() * x.detach() + (1 - alpha).sqrt() * noise
+    with torch.no_grad():
+        e_c, e_u, e_y = (pixel_prior.unet(x_t, t, encoder_hidden_states=e).sample for e in (cond, uncond, plain))
+    # Replace plain CFG's pretrained term by the compositional one: the LoRA term stays as it is.
+    expected = plain_cfg + (1 - alpha) * ((e_u + 7.5 * (e_y - e_u) + 30.0 * (e_c - e_y)) - (e_u + 7.5 * (e_c - e_u)))
+    tol *= (6.5 + 22.5 + 30.0 + 1.0) / (cfg_amplification(7.5) + 1.0)  # three predictions, amplified
+    assert_grad_close(x.grad * batch, expected, tol, wrong=plain_cfg)
+    with pytest.raises(ConfigError, match="view_guidance_scale"):
+        vsd.from_model_space(pixel_prior, x, cond, uncond, c2w, t=t, noise=noise)
+
+
 def test_vsd_gradient_parity_latent_with_lora_cfg(latent_prior):
     torch.manual_seed(1)
     batch = 2

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from text23d.errors import ConfigError
+from text23d.guidance.cfg import check_view_scale, guided_noise
 
 WEIGHTINGS = ("sds", "uniform")
 
@@ -57,10 +58,7 @@ class SDSGuidance:
             )
         if not 0 <= anneal_at_fraction <= 1:
             raise ConfigError(f"anneal_at_fraction={anneal_at_fraction} must be in [0, 1] (a fraction of the stage's steps)")
-        if view_guidance_scale is not None and not view_guidance_scale >= 0:
-            raise ConfigError(f"view_guidance_scale={view_guidance_scale} must be >= 0, or null (the view words get "
-                              "guidance_scale like the rest of the prompt). Fix: e.g. view_guidance_scale=30")
-        self.view_guidance_scale = None if view_guidance_scale is None else float(view_guidance_scale)
+        self.view_guidance_scale = check_view_scale(view_guidance_scale)
         self.min_step_percent = float(min_step_percent)
         self.max_step_percent = float(max_step_percent)
         self.anneal_max_step_percent = anneal_max_step_percent
@@ -72,25 +70,6 @@ class SDSGuidance:
         if self.anneal_max_step_percent is None or step is None or max_steps is None:
             return self.max_step_percent
         return self.anneal_max_step_percent if step >= self.anneal_at_fraction * max_steps else self.max_step_percent
-
-    def guided_noise(self, prior, x_t, t, text_cond, text_uncond, text_plain=None) -> torch.Tensor:
-        """ε̂ = ε_u + s·(ε_c − ε_u) (classifier-free guidance), in one U-Net call on [cond; uncond].
-        With view_guidance_scale s_v, the prompt and its view words get their own scales
-        (compositional guidance, Liu et al. 2022): ε̂ = ε_u + s·(ε_y − ε_u) + s_v·(ε_c − ε_y), ε_y the
-        prompt without view words; s_v = s is plain CFG. A small prior that barely heeds "front
-        right view" makes rotationally symmetric objects (a cube turns into a barrel); a larger s_v
-        makes its view words count without raising the object's CFG."""
-        if self.view_guidance_scale is None:
-            eps_cond, eps_uncond = prior.predict_noise(
-                torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([text_cond, text_uncond])).chunk(2)
-            return eps_uncond + self.guidance_scale * (eps_cond - eps_uncond)
-        if text_plain is None:
-            raise ConfigError("guidance.view_guidance_scale needs the prompt without view words, which this system "
-                              "does not pass. Fix: guidance.view_guidance_scale=null")
-        eps_cond, eps_uncond, eps_plain = prior.predict_noise(
-            torch.cat([x_t, x_t, x_t]), torch.cat([t, t, t]), torch.cat([text_cond, text_uncond, text_plain])).chunk(3)
-        return (eps_uncond + self.guidance_scale * (eps_plain - eps_uncond)
-                + self.view_guidance_scale * (eps_cond - eps_plain))
 
     def sample_timesteps(self, prior, batch_size: int, max_step_percent: float | None = None) -> torch.Tensor:
         """t ~ U{min·T, ..., max·T}, one per view, from torch's global CPU RNG (device independent)."""
@@ -124,7 +103,8 @@ class SDSGuidance:
 
         with torch.no_grad():  # the U-Net Jacobian is skipped (DreamFusion eq. 3)
             x_t = alpha.sqrt() * x + (1 - alpha).sqrt() * noise  # forward diffusion q(x_t | x)
-            eps_hat = self.guided_noise(prior, x_t, t, text_cond, text_uncond, text_plain)
+            eps_hat = guided_noise(prior, x_t, t, text_cond, text_uncond, self.guidance_scale,
+                                   self.view_guidance_scale, text_plain)  # CFG (cfg.py)
             # w(t) = 1 − ᾱ_t (DreamFusion appendix A.4): small at low noise, where ε̂ − ε is mostly
             # the model's error on a clean-looking image rather than a useful direction.
             weight = (1 - alpha) if self.weighting == "sds" else torch.ones_like(alpha)

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from text23d.errors import ConfigError
+from text23d.guidance.cfg import check_view_scale, guided_noise
 from text23d.guidance.lora import CameraLoRAUNet
 
 WEIGHTINGS = ("sds", "uniform")
@@ -45,6 +46,7 @@ class VSDGuidance:
         lora_steps: int = 1,
         camera_drop_prob: float = 0.1,
         lora_pretrained_model_name_or_path: str | None = None,
+        view_guidance_scale: float | None = None,
     ):
         # Deliberate duplication of SDSGuidance's checks (sds.py): one algorithm per file.
         if not guidance_scale >= 0:
@@ -84,6 +86,7 @@ class VSDGuidance:
                 "which max t is lowered; ProlificDreamer: 5k of 25k). Fix: anneal_at_fraction=0.2"
             )
         self.guidance_scale = float(guidance_scale)
+        self.view_guidance_scale = check_view_scale(view_guidance_scale)  # the pretrained term's (cfg.py)
         self.lora_guidance_scale = float(lora_guidance_scale)
         self.weighting = weighting
         self.grad_clip = grad_clip
@@ -168,19 +171,21 @@ class VSDGuidance:
     # --- the VSD gradient ---------------------------------------------------------------------
 
     def __call__(
-        self, prior, rgb, text_cond, text_uncond, c2w, step=None, max_steps=None, t=None, noise=None
+        self, prior, rgb, text_cond, text_uncond, c2w, step=None, max_steps=None, t=None, noise=None, text_plain=None
     ) -> dict:
-        """rgb (B, H, W, 3) in [0, 1], text (B, L, D), c2w (B, 4, 4) ->
+        """rgb (B, H, W, 3) in [0, 1], text (B, L, D), c2w (B, 4, 4), text_plain (B, L, D) the prompt
+        without view words when view_guidance_scale is set ->
         {"loss_vsd", "grad_norm", "t", "x0": the model-space render, detached, for `lora_loss`}."""
         if rgb.ndim != 4 or rgb.shape[-1] != 3:
             raise ValueError(f"VSD expects rgb in renderer layout (B, H, W, 3), got {tuple(rgb.shape)}")
         x = prior.images_to_model_space(rgb.permute(0, 3, 1, 2))  # (B, C, h, w)
         return self.from_model_space(
-            prior, x, text_cond, text_uncond, c2w, step=step, max_steps=max_steps, t=t, noise=noise
+            prior, x, text_cond, text_uncond, c2w, step=step, max_steps=max_steps, t=t, noise=noise,
+            text_plain=text_plain
         )
 
     def from_model_space(
-        self, prior, x, text_cond, text_uncond, c2w, step=None, max_steps=None, t=None, noise=None
+        self, prior, x, text_cond, text_uncond, c2w, step=None, max_steps=None, t=None, noise=None, text_plain=None
     ) -> dict:
         """The same loss for an x already in model space (B, C, h, w); gradients flow to x."""
         lora = self._require_lora()
@@ -196,12 +201,9 @@ class VSDGuidance:
 
         with torch.no_grad():  # both U-Net Jacobians are skipped, as in SDS
             x_t = alpha.sqrt() * x + (1 - alpha).sqrt() * noise  # forward diffusion q(x_t | x)
-            # Pretrained score: one U-Net call for both halves of classifier-free guidance.
-            eps = prior.predict_noise(
-                torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([text_cond, text_uncond])
-            )  # (2B, C, h, w)
-            eps_cond, eps_uncond = eps.chunk(2)
-            eps_pretrained = eps_uncond + self.guidance_scale * (eps_cond - eps_uncond)
+            # Pretrained score: classifier-free guidance in one U-Net call (cfg.py).
+            eps_pretrained = guided_noise(prior, x_t, t, text_cond, text_uncond, self.guidance_scale,
+                                          self.view_guidance_scale, text_plain)
             eps_lora = self._lora_score(lora, x_t, t, text_cond, c2w)
             # w(t) = 1 − ᾱ_t as in SDS (DreamFusion appendix A.4); "uniform" = 1.
             weight = (1 - alpha) if self.weighting == "sds" else torch.ones_like(alpha)
