@@ -443,12 +443,16 @@ def write_card(folder: Path, args, summary: dict, device, data_seconds: float, n
     held = ", ".join(f"{c} {s}" for s, c in HELD_OUT)
     history = "\n".join(f"| {s} | {l:.4f} |" for s, l in summary["history"])
     command = "HF_HUB_OFFLINE=1 python " + " ".join(shlex.quote(a) for a in reproducing_argv(args))
+    rotation = ("no rotation about z (objects face the front)" if ROTATION_RANGE[0] == ROTATION_RANGE[1] else
+                f"rotation about z U[{ROTATION_RANGE[0]:g}°, {ROTATION_RANGE[1]:g}°]")
+    weighting = f"Min-SNR-γ weighting with γ = {args.snr_gamma:g}" if args.snr_gamma > 0 else "no Min-SNR weighting"
     card = f"""# text23d built-in prior
 
 A 32×32 pixel-space text-to-image diffusion model trained from scratch by `scripts/train_prior.py`
 on procedurally rendered primitives, so that text-to-3D works offline on a CPU and tests can check
 that the pipeline makes what was asked. It knows only captions of the form `a {{colour}} {{shape}}`,
-optionally followed by `, front view` / `, side view` / `, back view` / `, overhead view`.
+optionally followed by a view: `, front view`, `, front right view`, … (8 sectors of 45° of azimuth)
+or `, overhead view`.
 
 - Shapes: {", ".join(SHAPES)}
 - Colours: {", ".join(COLOURS)}
@@ -468,12 +472,11 @@ Weights are the EMA (decay {args.ema_decay}, with warm-up) of both networks, fp3
 ## Training
 
 - Data: {args.images:,} images rendered in {data_seconds:.0f} s (seed {args.seed}); cameras from
-  `RandomCameraSampler` defaults (the SDS training distribution), scale U[0.45, 0.6], rotation about z
-  {ROTATION_RANGE[0]:g}° to {ROTATION_RANGE[1]:g}° (objects face the front), the view suffix (8 sectors of 45°:
+  `RandomCameraSampler` defaults (the SDS training distribution), scale U[0.45, 0.6], {rotation}, the view suffix (8 sectors of 45°:
   "front", "front right", "right", …) on {SUFFIX_PROBABILITY:.0%} of captions; no flips (they would swap left and right).
 - Steps: {summary["steps"]:,} at batch {args.batch_size} (AdamW, lr {args.lr:g}, {args.warmup} warm-up
   steps, {args.lr_schedule} schedule; {args.caption_dropout:.0%} caption dropout for classifier-free
-  guidance; {args.prediction_type} target, Min-SNR-γ weighting with γ = {args.snr_gamma:g})
+  guidance; {args.prediction_type} target, {weighting})
 - Final loss (smoothed, weighted): {summary["final_loss"]:.4f}
 - Wall time: {summary["train_seconds"] / 60:.1f} min training + {data_seconds / 60:.1f} min data
 - Device: {device} ({torch.get_num_threads()} threads), torch {torch.__version__}, diffusers {diffusers.__version__}
