@@ -14,8 +14,13 @@ from text23d.run import load_system, run
 
 BUILTIN = Path(builtin_prior_path())
 # Mean |RGB| difference (0-1) between the rendered exported mesh and the volume renders over the
-# evaluation orbit. TODO: set from the measured spread over the 12 prompts x 3 seeds.
-MESH_COLOUR_TOLERANCE = 0.05
+# evaluation orbit. Over the 12 evaluation prompts x 3 seeds it measured 0.023-0.103 (mean 0.052).
+# What remains is what an opaque mesh with one colour per vertex cannot show: rims where the rays
+# graze the albedo field's outer shell (a purple sphere: 0.062, 0.022 with 3 more outline pixels left
+# out) and bodies the volume renders as partly transparent (a gray cone whose inside has opacity 0.81
+# shows 19 % background white: 0.10). Vertex colours taken as the albedo at the vertex measured up to
+# 0.161 on the same assets.
+MESH_COLOUR_TOLERANCE = 0.12
 
 
 def test_it_ships_in_the_diffusers_layout_within_25_mb():
