@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -177,7 +178,8 @@ def update_card(card: Path, report: dict) -> None:
     # Every run of the first configuration (runs made side by side and combined split the prompts).
     rows = [r for run_ in report["runs"] if (run_["system"], run_["cfg"]) == (first["system"], first["cfg"])
             for r in run_["results"]]
-    card.write_text(head + "## Evaluation\n\nWritten by `python " + " ".join(report["command"]) + "` "
+    command = report["command"][0] if len(report["command"]) == 1 else shlex.join(report["command"])
+    card.write_text(head + "## Evaluation\n\nWritten by `python " + command + "` "
                     f"on {report['machine']}. Wrong verdicts are in capitals with a '!'.\n\n" + card_table(report)
                     + "\n\nPer asset (" + first["system"] + f", CFG {first['cfg']:g}):\n\n"
                     + per_asset_table(rows) + "\n")
@@ -206,7 +208,7 @@ def main() -> None:
               f"{os.cpu_count()} CPUs", "runs": []}
     if args.combine:
         sources = [json.loads(Path(path).read_text()) for path in args.combine]
-        report["command"] = [" ; python ".join(" ".join(src["command"]) for src in sources)]  # what made them
+        report["command"] = [" ; python ".join(shlex.join(src["command"]) for src in sources)]  # what made them
         for src in sources:
             report["runs"] += src["runs"]
     else:
