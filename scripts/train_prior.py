@@ -572,13 +572,19 @@ def evaluator(args, tokenizer, scheduler, device):
     return evaluate
 
 
-def judge_folder(args, device) -> dict:
-    """Sample a saved model folder (this script's or an older one) and judge the samples."""
-    folder = args.judge_only
+def load_folder(folder: Path, device):
+    """(unet, text encoder, tokenizer, scheduler) of a model folder this script wrote, for sampling."""
     unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet").to(device).eval()
     text = CLIPTextModel.from_pretrained(folder, subfolder="text_encoder").to(device).eval()
     tokenizer = CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer")
     scheduler = DDPMScheduler.from_pretrained(folder, subfolder="scheduler")
+    return unet, text, tokenizer, scheduler
+
+
+def judge_folder(args, device) -> dict:
+    """Sample a saved model folder (this script's or an older one) and judge the samples."""
+    folder = args.judge_only
+    unet, text, tokenizer, scheduler = load_folder(folder, device)
     _, rates = evaluator(args, tokenizer, scheduler, device)(unet, text, args.eval_samples)
     rates["view_sensitivity"] = view_sensitivity(unet, text, tokenizer, scheduler, device)
     print(json.dumps({"folder": str(folder), "cfg": args.guidance_scale, **rates}), flush=True)
@@ -670,10 +676,7 @@ def finish_from_probe(args, device) -> Path:
     staging = out.with_name(out.name + ".partial")
     shutil.rmtree(staging, ignore_errors=True)
     shutil.copytree(args.from_probe, staging, ignore=shutil.ignore_patterns("samples.*"))
-    unet = UNet2DConditionModel.from_pretrained(staging, subfolder="unet").to(device).eval()
-    text = CLIPTextModel.from_pretrained(staging, subfolder="text_encoder").to(device).eval()
-    tokenizer = CLIPTokenizer.from_pretrained(staging, subfolder="tokenizer")
-    scheduler = DDPMScheduler.from_pretrained(staging, subfolder="scheduler")
+    unet, text, tokenizer, scheduler = load_folder(staging, device)
     history, final_loss, train_s, data_s = history_from_log(args.log, args.steps)
     summary = {"unet": unet, "text_encoder": text, "steps": args.steps, "final_loss": final_loss,
                "train_seconds": train_s, "history": history}

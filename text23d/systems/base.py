@@ -234,6 +234,11 @@ class BaseSystem(L.LightningModule):
         loss = sum(weights[n] * v for n, v in terms.items() if weights.get(n, 0.0) != 0.0)
         return loss, terms, {"guide": guide, "cond": cond, "cams": cams}
 
+    def plain_text(self, stage: Stage, batch: int):
+        """The prompt without view words (B, L, D), when the stage's guidance scales its view words
+        on their own (guidance.view_guidance_scale, guidance/cfg.py); else None."""
+        return self.prompt_processor.plain(batch) if stage.guidance.view_guidance_scale is not None else None
+
     def guide(self, stage: Stage, rgb, cond, uncond, cams, step: int) -> dict:
         """The stage's guidance loss on the renders rgb (B, H, W, 3); subclasses pass what it needs."""
         raise NotImplementedError

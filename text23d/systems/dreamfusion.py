@@ -6,5 +6,5 @@ from text23d.systems.base import BaseSystem
 
 class DreamFusion(BaseSystem):
     def guide(self, stage, rgb, cond, uncond, cams, step: int) -> dict:
-        plain = self.prompt_processor.plain(len(cond)) if stage.guidance.view_guidance_scale is not None else None
-        return stage.guidance(self.prior, rgb, cond, uncond, step=step, max_steps=stage.steps, text_plain=plain)
+        return stage.guidance(self.prior, rgb, cond, uncond, step=step, max_steps=stage.steps,
+                              text_plain=self.plain_text(stage, len(cond)))

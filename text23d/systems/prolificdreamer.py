@@ -35,9 +35,8 @@ class ProlificDreamer(DreamFusion):
             self.lora_optimizer.load_state_dict(self._lora_optimizer_state)
 
     def guide(self, stage, rgb, cond, uncond, cams, step: int) -> dict:
-        plain = self.prompt_processor.plain(len(cond)) if stage.guidance.view_guidance_scale is not None else None
         return stage.guidance(self.prior, rgb, cond, uncond, cams.c2w.reshape(len(cams), 16), step=step,
-                              max_steps=stage.steps, text_plain=plain)
+                              max_steps=stage.steps, text_plain=self.plain_text(stage, len(cond)))
 
     def after_particles(self, views: list[dict]) -> dict:
         """Fit the LoRA to the particles' current (detached) renders: the score of their distribution."""
