@@ -7,6 +7,7 @@
     python scripts/eval_prior.py --system vsd -- system.num_particles=4   # + particle diversity
     python scripts/eval_prior.py --seeds 0 1 2 3                   # SDS's diversity across seeds
     python scripts/eval_prior.py --combine a/eval.json b/eval.json # one table from separate runs
+    python scripts/eval_prior.py --rescore a/eval.json --out b     # judge the exported meshes again
 
 Every asset is a real `text23d` run (`prior=builtin`, the system's own settings) in its own
 folder under --out; JSON results and one PNG strip per asset (generated views over the ground
@@ -102,8 +103,11 @@ def score_run(ckpt, shape: str, colour: str, run_dir: Path, tag: str) -> list[di
         # colours are from the renders' over the same orbit.
         m = score_mesh(glb, shape, colour, system.camera_sampler)
         r.update({f"mesh_{k}": m[k] for k in ("iou", "predicted_shape", "shape_correct", "predicted_colour",
-                                              "colour_correct", "symmetry", "faces")})
+                                              "colour_correct", "symmetry", "silhouette_symmetry", "faces")})
         r["mesh_colour_error"] = colour_error(r["views"], m["views"])
+        r["views_file"] = str(run_dir / f"eval_views{tag}_p{i}.npz")  # the renders, for --rescore
+        np.savez_compressed(r["views_file"], rgb=np.stack([v["rgb"] for v in r["views"]]),
+                            opacity=np.stack([v["opacity"] for v in r["views"]]))
         r["mesh_colour_error_vertex_albedo"] = vertex_albedo_error(system, i, glb, r["views"])
         name = f"eval_strip{tag}.png" if len(system.particles) == 1 else f"eval_strip{tag}_p{i}.png"
         save_image(strip(r["views"], shape, colour, r["best_scale"], r["best_rotation"], system.camera_sampler,
@@ -128,6 +132,37 @@ def vertex_albedo_error(system, particle: int, glb: str, views: list[dict]) -> f
     rgba[:, :3] = to_rgb8(albedo.numpy())
     mesh.visual.vertex_colors = rgba
     return colour_error(views, mesh_views(mesh, system.camera_sampler.orbit(len(views)), views[0]["rgb"].shape[0]))
+
+
+def rescore(report: dict) -> dict:
+    """Judge every exported mesh of an earlier evaluation again with today's judge (a better judge
+    needs no new runs). The render-vs-mesh colour error is recomputed where the renders were kept
+    (eval_views*.npz beside the run); the verdicts on renders are kept as they were."""
+    from text23d.builtin.evaluate import colour_error, score_mesh, summarise
+    from text23d.cameras.sampler import RandomCameraSampler
+
+    sampler = RandomCameraSampler()  # the evaluation orbit is the same for every system
+    for run_ in report["runs"]:
+        for r in run_["results"]:
+            run_dir, i = Path(r["run_dir"]), r.get("particle", 0)
+            r.setdefault("stage", "main")
+            glb = Path(r["mesh"]) if r.get("mesh") else sorted((run_dir / "save").glob("*-export/*.glb"))[i]
+            m = score_mesh(glb, r["shape"], r["colour"], sampler)
+            r.update({f"mesh_{k}": m[k] for k in ("iou", "predicted_shape", "shape_correct", "predicted_colour",
+                                                  "colour_correct", "symmetry", "silhouette_symmetry", "faces")})
+            r["mesh"] = str(glb)
+            kept = Path(r.get("views_file") or run_dir / f"eval_views_p{i}.npz")
+            if kept.exists():
+                v = np.load(kept)
+                r["mesh_colour_error"] = colour_error([{"rgb": a, "opacity": b} for a, b in zip(v["rgb"], v["opacity"])],
+                                                      m["views"])
+            print(json.dumps({k: r.get(k) for k in ("prompt", "seed", "stage", "mesh_predicted_shape",
+                                                     "mesh_predicted_colour", "mesh_symmetry", "mesh_colour_error")}),
+                  flush=True)
+        rows = run_["results"]
+        run_["summary"] = {"seen": summarise([r for r in rows if not r["held_out"]]),
+                           "held_out": summarise([r for r in rows if r["held_out"]])}
+    return report
 
 
 def card_table(report: dict) -> str:
@@ -194,6 +229,7 @@ def main() -> None:
     ap.add_argument("--label", help="name of this configuration in tables (default: the system)")
     ap.add_argument("--out", default="outputs/eval")
     ap.add_argument("--combine", nargs="+", metavar="EVAL_JSON", help="only merge earlier eval.json files into one table")
+    ap.add_argument("--rescore", nargs="+", metavar="EVAL_JSON", help="judge the meshes of earlier evaluations again")
     ap.add_argument("--update-card", action="store_true", help="write the table into the model card")
     ap.add_argument("overrides", nargs="*", help="Hydra overrides after --, e.g. -- trainer.max_steps=300")
     args = ap.parse_args()
@@ -206,11 +242,14 @@ def main() -> None:
     out = Path(args.out)
     report = {"command": ["scripts/eval_prior.py", *sys.argv[1:]], "machine": f"{platform.machine()}, "
               f"{os.cpu_count()} CPUs", "runs": []}
-    if args.combine:
-        sources = [json.loads(Path(path).read_text()) for path in args.combine]
+    if args.combine or args.rescore:
+        sources = [json.loads(Path(path).read_text()) for path in args.combine or args.rescore]
         report["command"] = [" ; python ".join(shlex.join(src["command"]) for src in sources)]  # what made them
         for src in sources:
             report["runs"] += src["runs"]
+        if args.rescore:
+            report["command"] = [report["command"][0] + " ; python " + shlex.join(["scripts/eval_prior.py", *sys.argv[1:]])]
+            rescore(report)
     else:
         held_out, seen = default_pairs()
         pairs = held_out + seen
