@@ -50,6 +50,11 @@ CONFIGS = {
     "sds-sd21-64": ("sd21", ["geometry=grid", "prior.dtype=float16"], True),
     "vsd-sd21-64": ("sd21", ["geometry=grid", "prior.dtype=float16", "system=vsd"], True),
 }
+# Textured export: unwrap (xatlas) and bake (1024², colours composited through the field as the
+# export does) of a mesh of about this many faces; "-decimated" first decimates to export.target_faces.
+TEXTURE = {"texture-10k": 10_000, "texture-50k": 50_000, "texture-200k": 200_000}
+CONFIGS.update({name: ("texture", [faces], False) for name, faces in TEXTURE.items()})
+CONFIGS["texture-200k-decimated"] = ("texture", [200_000, 100_000], False)
 WORDS = "a red blue green cube sphere hamburger front side back overhead view".split()
 
 
@@ -82,9 +87,41 @@ def build_sd21(folder: Path) -> Path:
                              model_max_length=77)
 
 
+def bench_texture(name: str) -> dict:
+    """Unwrap + bake times of a marching-cubes mesh of a bumpy sphere, its colours composited
+    through a 64³ grid as `export.texture` does."""
+    import torch
+
+    from text23d.config import compose
+    from text23d.export.mesh import composited_colors, extract_mesh
+    from text23d.export.texture import decimate, textured_mesh
+    from text23d.run import build_system
+
+    faces, *target = CONFIGS[name][1]
+    with tempfile.TemporaryDirectory() as tmp:
+        geometry = build_system(compose(["prompt=a red cube", "prior=builtin", f"output_dir={tmp}"])).geometry
+
+        def bumpy(x):  # the blob with ripples, so the surface has detail for the atlas to cut
+            r = x.norm(dim=-1)
+            return 10 * (1 - r / (0.5 + 0.03 * torch.sin(12 * x[:, 0]) * torch.cos(12 * x[:, 1])))
+        resolution = int(64 * (faces / 25_000) ** 0.5)  # marching-cubes faces grow with resolution²
+        mesh = decimate(extract_mesh(bumpy, None, 1.0, resolution, 0.0), faces)
+        colour = lambda p, n: composited_colors(geometry.density, geometry.albedo, p, n, 1.0, 0.03)
+        t = time.perf_counter()
+        out, info = textured_mesh(mesh, colour, 1024, target[0] if target else None)
+        total = time.perf_counter() - t
+    return {"config": name, "device": "cpu", "faces_in": len(mesh.faces), "faces_out": info["mesh_faces"],
+            "texture_size": 1024, "decimate_s": info["decimate_s"], "unwrap_s": info["unwrap_s"],
+            "bake_s": info["bake_s"], "total_s": round(total, 3), "coverage": info["texture_coverage"],
+            "peak_cpu_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
+
+
 def bench_one(name: str, steps: int, warmup: int) -> dict:
     import lightning as L
     import torch
+
+    if CONFIGS[name][0] == "texture":
+        return bench_texture(name)
 
     from text23d.config import compose
     from text23d.run import build_system

@@ -42,7 +42,7 @@ def test_both_stages_run_in_one_command_and_every_artefact_says_which(straight):
     glb = summary["artifacts"]["mesh_glb"]
     assert Path(glb).parent.name == "fine-it000006-export"
     mesh = trimesh.load(glb, force="mesh")
-    assert len(mesh.faces) > 50 and mesh.visual.vertex_colors.shape[0] == len(mesh.vertices)
+    assert len(mesh.faces) > 50 and mesh.visual.kind == "texture" and mesh.visual.uv.shape == (len(mesh.vertices), 2)
     assert "isosurface_threshold" not in summary["metrics"]  # a DMTet mesh: no level was chosen
     ckpt = torch.load(out / "ckpts" / "last.ckpt", weights_only=True)
     assert ckpt["text23d"]["stage"] == "fine" and ckpt["state_dict"]["stage_started"].tolist() == [True, True]

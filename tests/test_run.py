@@ -34,9 +34,12 @@ def test_a_run_writes_every_artifact(smoke_run):
     frames = list(iio.imiter(a["video"]))
     assert len(frames) == 8 and frames[0].shape[1] >= 2 * 32  # rgb | normals
     assert iio.imread(a["grid"]).ndim == 3
-    obj, glb = trimesh.load(a["mesh_obj"], process=False), trimesh.load(a["mesh_glb"], force="mesh")
+    obj, glb = trimesh.load(a["mesh_obj"], process=False), trimesh.load(a["mesh_glb"], force="mesh", process=False)
     assert len(obj.vertices) > 100 and len(glb.vertices) == len(obj.vertices)
-    assert obj.visual.vertex_colors.shape[0] == len(obj.vertices)
+    for mesh in (obj, glb):  # textured by default: one UV per vertex and the baked PNG
+        assert mesh.visual.kind == "texture" and mesh.visual.uv.shape == (len(mesh.vertices), 2)
+    assert (Path(a["mesh_obj"]).parent / "model.png").is_file()
+    assert summary["metrics"]["texture_size"] == 1024 and summary["metrics"]["bake_s"] > 0
     # the initial blob (radius 0.5) is what a 4-step run holds: the mesh must be about that size
     assert 0.25 < obj.bounding_sphere.primitive.radius < 0.8
     assert summary["metrics"]["mesh_silhouette_iou"] > 0.8
@@ -53,6 +56,14 @@ def test_export_from_a_checkpoint_needs_no_diffusion_model(smoke_run):
     assert set(res["artifacts"]) == {"video", "grid", "mesh_glb"}
     assert len(list(iio.imiter(res["artifacts"]["video"]))) == 4
     assert Path(res["artifacts"]["mesh_glb"]).stat().st_size > 1000
+
+
+def test_export_texture_false_writes_vertex_colours(smoke_run):
+    _, out = smoke_run
+    res = run(compose_cfg([f"export.ckpt={out}", "export.texture=false", "export.video_views=2"]))
+    obj = trimesh.load(res["artifacts"]["mesh_obj"], process=False)
+    assert obj.visual.kind == "vertex" and obj.visual.vertex_colors.shape[0] == len(obj.vertices)
+    assert "texture_size" not in res["metrics"] and res["metrics"]["mesh_faces"] > 100
 
 
 def _final_state(out: Path) -> dict:

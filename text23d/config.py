@@ -91,6 +91,16 @@ def validate(cfg: DictConfig) -> None:
     if bad:
         raise ConfigError(f"export.format={bad}: allowed are {list(MESH_FORMATS)}, "
                           "e.g. export.format=glb or export.format=[obj,glb]")
+    if not isinstance(cfg.export.get("texture", False), bool):
+        raise ConfigError(f"export.texture={cfg.export.texture!r}: must be true (UV atlas + baked PNG) or false "
+                          "(vertex colours)")
+    size = cfg.export.get("texture_size", 1024)
+    _positive_int(size, "export.texture_size", 16)
+    if size > 8192:
+        raise ConfigError(f"export.texture_size={size}: at most 8192 texels a side (a {size}² float image "
+                          f"needs {size * size * 12 / 2**30:.1f} GiB to bake). Fix: e.g. export.texture_size=1024")
+    if cfg.export.get("target_faces") is not None:
+        _positive_int(cfg.export.target_faces, "export.target_faces", 100)
     thr = cfg.export.isosurface_threshold
     if not (thr == "auto" or (isinstance(thr, (int, float)) and thr > 0)):
         raise ConfigError(f"export.isosurface_threshold={thr!r}: use 'auto' or a density > 0 (e.g. 10.0)")

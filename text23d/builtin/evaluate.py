@@ -216,18 +216,50 @@ def load_exported_mesh(path):
 
 @torch.no_grad()
 def mesh_views(mesh, cams, resolution: int) -> list[dict]:
-    """The mesh rasterised with its vertex colours (no shading) on white: rgb (H, W, 3) and
+    """The mesh rasterised with its texture or vertex colours (no shading) on white: rgb (H, W, 3) and
     opacity (H, W, 3) per view, like `system.render_views` returns them."""
     from text23d.renderers.rasterize import barycentrics, interpolate, rasterize
 
     verts = torch.as_tensor(np.asarray(mesh.vertices), dtype=torch.float32)
     faces = torch.as_tensor(np.asarray(mesh.faces), dtype=torch.long)
-    colors = torch.as_tensor(np.asarray(mesh.visual.vertex_colors)[:, :3], dtype=torch.float32) / 255.0
     face_id = rasterize(verts, faces, cams, resolution, resolution)
-    rgb = interpolate(colors, faces, face_id, barycentrics(verts, faces, face_id, cams))
+    bary = barycentrics(verts, faces, face_id, cams)
+    texture = _texture_of(mesh)
+    if texture is None:
+        colors = torch.as_tensor(np.asarray(mesh.visual.vertex_colors)[:, :3], dtype=torch.float32) / 255.0
+        rgb = interpolate(colors, faces, face_id, bary)
+    else:  # a textured file: each pixel's UV, then the texture there (bilinear)
+        uv = interpolate(torch.as_tensor(np.asarray(mesh.visual.uv), dtype=torch.float32), faces, face_id, bary)
+        rgb = sample_texture(texture, uv)
     covered = (face_id >= 0)[..., None].float()
-    rgb = rgb + (1 - covered)  # white background
+    rgb = rgb * covered + (1 - covered)  # white background
     return [{"rgb": rgb[i].numpy(), "opacity": covered[i].expand(-1, -1, 3).numpy()} for i in range(len(cams))]
+
+
+def _texture_of(mesh) -> torch.Tensor | None:
+    """The base-colour texture (H, W, 3) in [0, 1] of a textured mesh, else None."""
+    visual = mesh.visual
+    if getattr(visual, "kind", None) != "texture" or getattr(visual, "uv", None) is None:
+        return None
+    material = visual.material
+    image = getattr(material, "baseColorTexture", None) or getattr(material, "image", None)
+    if image is None:
+        return None
+    return torch.as_tensor(np.asarray(image.convert("RGB")), dtype=torch.float32) / 255.0
+
+
+def sample_texture(texture: torch.Tensor, uv: torch.Tensor) -> torch.Tensor:
+    """Bilinear look-up of texture (H, W, 3) at uv (..., 2) (OBJ convention: v up, image row 0 at
+    v = 1), clamped at the border."""
+    h, w = texture.shape[:2]
+    x = (uv[..., 0] * w - 0.5).clamp(0, w - 1)
+    y = ((1 - uv[..., 1]) * h - 0.5).clamp(0, h - 1)
+    x0, y0 = x.floor().long(), y.floor().long()
+    x1, y1 = (x0 + 1).clamp(max=w - 1), (y0 + 1).clamp(max=h - 1)
+    fx, fy = (x - x0)[..., None], (y - y0)[..., None]
+    top = texture[y0, x0] * (1 - fx) + texture[y0, x1] * fx
+    bottom = texture[y1, x0] * (1 - fx) + texture[y1, x1] * fx
+    return top * (1 - fy) + bottom * fy
 
 
 def score_mesh(path, shape: str, colour: str, sampler, n_views: int = 8, resolution: int = 64) -> dict:

@@ -8,7 +8,8 @@ import numpy as np
 import torch
 
 from text23d.config import export_formats
-from text23d.export.mesh import extract_mesh, save_mesh, surface_colors, to_rgb8
+from text23d.export.mesh import composited_colors, extract_mesh, save_mesh, to_rgb8
+from text23d.export.texture import save_textured, textured_mesh
 from text23d.export.threshold import auto_threshold
 from text23d.export.video import make_grid, save_image, save_video, to_uint8
 
@@ -70,30 +71,50 @@ def _export_particle(system, i: int, save: Path, step: int, tag: str, stage: str
         log.info("isosurface threshold %.3g chosen automatically (silhouette IoU %.3f vs renders)", threshold, iou)
     geometry = particle.geometry
     mesh = extract_mesh(geometry.density, None, radius, ex.resolution, float(threshold))
-    voxel = 2 * radius / (ex.resolution - 1)
-    rgba = np.full((len(mesh.vertices), 4), 255, np.uint8)  # what the asset shows, not the shell's albedo
-    rgba[:, :3] = to_rgb8(surface_colors(geometry.density, geometry.albedo, mesh, radius, start=2 * voxel))
-    mesh.visual.vertex_colors = rgba
+    start = 2 * 2 * radius / (ex.resolution - 1)  # two voxels outside the surface
+
+    def colour(points, normals):  # what the asset shows there, not the albedo of its outer haze
+        return composited_colors(geometry.density, geometry.albedo, points, normals, radius, start)
+
+    metrics["isosurface_threshold"] = float(threshold)
+    return _save_particle_mesh(system, mesh, colour, save, step, tag, stage, artifacts, metrics, picks, i)
+
+
+def _save_particle_mesh(system, mesh, colour, save, step, tag, stage, artifacts, metrics, picks, i):
+    """Write one particle's mesh: textured (UV atlas, baked albedo) or with vertex colours."""
+    ex = system.cfg.export
     stem = "model" if not tag else f"particle{i}"
-    paths = save_mesh(mesh, save / f"{stage}it{step:06d}-export", stem, export_formats(system.cfg))
+    folder = save / f"{stage}it{step:06d}-export"
+    device = _device_of(system)
+    if ex.get("texture", False):
+        mesh, info = textured_mesh(mesh, colour, ex.texture_size, ex.get("target_faces"), device)
+        paths = save_textured(mesh, str(folder), stem, export_formats(system.cfg))
+        metrics.update(info)
+    else:
+        verts = torch.tensor(np.asarray(mesh.vertices), dtype=torch.float32, device=device)
+        normals = torch.tensor(np.asarray(mesh.vertex_normals), dtype=torch.float32, device=device)
+        rgba = np.full((len(verts), 4), 255, np.uint8)
+        with torch.no_grad():
+            rgba[:, :3] = to_rgb8(torch.cat([colour(v, n) for v, n in zip(verts.split(65536), normals.split(65536))])
+                                  .cpu().numpy())
+        mesh.visual.vertex_colors = rgba
+        paths = save_mesh(mesh, str(folder), stem, export_formats(system.cfg))
+        metrics.update({"mesh_vertices": len(mesh.vertices), "mesh_faces": len(mesh.faces)})
     artifacts.update({f"mesh_{fmt}": p for fmt, p in paths.items()})
-    metrics.update({"isosurface_threshold": float(threshold), "mesh_vertices": len(mesh.vertices),
-                    "mesh_faces": len(mesh.faces)})
     return {k: str(v) for k, v in artifacts.items()}, metrics, picks
+
+
+def _device_of(system) -> torch.device:
+    return next(iter(system.parameters()), torch.empty(0)).device
 
 
 @torch.no_grad()
 def _export_own_mesh(system, particle, save, step, tag, stage, artifacts, picks, i):
-    """A mesh geometry (DMTet): its marching-tetrahedra surface, coloured by its albedo field at
-    the vertices, which are on the surface the rasteriser shows."""
+    """A mesh geometry (DMTet): its marching-tetrahedra surface, coloured by its albedo field on
+    the surface itself, which is what the rasteriser shows."""
     import trimesh
 
     verts, faces = particle.geometry.mesh()
-    rgba = np.full((len(verts), 4), 255, np.uint8)
-    rgba[:, :3] = to_rgb8(torch.cat([particle.geometry.albedo(v) for v in verts.split(65536)]).cpu().numpy())
-    mesh = trimesh.Trimesh(verts.cpu().numpy(), faces.cpu().numpy(), vertex_colors=rgba, process=False)
-    stem = "model" if not tag else f"particle{i}"
-    paths = save_mesh(mesh, save / f"{stage}it{step:06d}-export", stem, export_formats(system.cfg))
-    artifacts.update({f"mesh_{fmt}": p for fmt, p in paths.items()})
-    metrics = {"mesh_vertices": len(mesh.vertices), "mesh_faces": len(mesh.faces)}
-    return {k: str(v) for k, v in artifacts.items()}, metrics, picks
+    mesh = trimesh.Trimesh(verts.cpu().numpy(), faces.cpu().numpy(), process=False)
+    return _save_particle_mesh(system, mesh, lambda points, normals: particle.geometry.albedo(points), save, step,
+                               tag, stage, artifacts, {}, picks, i)

@@ -165,7 +165,14 @@ def surface_colors(
     device = _field_device(density_fn)
     verts = torch.tensor(np.array(mesh.vertices), dtype=torch.float32, device=device)
     normals = torch.tensor(np.array(mesh.vertex_normals), dtype=torch.float32, device=device)
-    out = []
+    return composited_colors(density_fn, albedo_fn, verts, normals, radius, start, num_samples, chunk).cpu().numpy()
+
+
+@torch.no_grad()
+def composited_colors(density_fn, albedo_fn, verts: torch.Tensor, normals: torch.Tensor, radius: float,
+                      start: float, num_samples: int = 64, chunk: int = 2048) -> torch.Tensor:
+    """`surface_colors` for any surface points (N, 3) with unit normals (N, 3): (N, 3) on their device."""
+    device, out = verts.device, []
     for v, n in zip(verts.split(chunk), normals.split(chunk)):
         origin, direction = v + start * n, -n  # (C, 3): just outside, looking in
         b = (origin * direction).sum(-1)  # exit of the ball |x| = radius along the ray
@@ -181,8 +188,8 @@ def surface_colors(
         total = weights.sum(1, keepdim=True)
         seen = (weights[..., None] * albedo).sum(1) / total.clamp_min(1e-6)
         own = albedo_fn(v).float()
-        out.append(torch.where(total > 1e-3, seen, own).cpu())
-    return torch.cat(out).numpy() if out else np.zeros((0, 3), np.float32)
+        out.append(torch.where(total > 1e-3, seen, own))
+    return torch.cat(out) if out else torch.zeros(0, 3, device=verts.device)
 
 
 def save_mesh(
