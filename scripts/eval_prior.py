@@ -103,7 +103,7 @@ def score_run(ckpt, shape: str, colour: str, run_dir: Path, tag: str) -> list[di
         # colours are from the renders' over the same orbit.
         m = score_mesh(glb, shape, colour, system.camera_sampler)
         r.update({f"mesh_{k}": m[k] for k in ("iou", "predicted_shape", "shape_correct", "predicted_colour",
-                                              "colour_correct", "symmetry", "silhouette_symmetry", "faces")})
+                                              "colour_correct", "symmetry", "symmetry_threshold", "silhouette_symmetry", "faces")})
         r["mesh_colour_error"] = colour_error(r["views"], m["views"])
         r["views_file"] = str(run_dir / f"eval_views{tag}_p{i}.npz")  # the renders, for --rescore
         np.savez_compressed(r["views_file"], rgb=np.stack([v["rgb"] for v in r["views"]]),
@@ -121,6 +121,7 @@ def vertex_albedo_error(system, particle: int, glb: str, views: list[dict]) -> f
     """The colour error the mesh would have with the albedo at its vertices as colours (how
     exports were coloured before surface_colors): the baseline the fix is measured against."""
     import torch
+    import trimesh
 
     from text23d.builtin.evaluate import colour_error, load_exported_mesh, mesh_views
     from text23d.export.mesh import to_rgb8
@@ -130,7 +131,7 @@ def vertex_albedo_error(system, particle: int, glb: str, views: list[dict]) -> f
         albedo = system.particles[particle].geometry.albedo(torch.tensor(np.array(mesh.vertices), dtype=torch.float32))
     rgba = np.full((len(mesh.vertices), 4), 255, np.uint8)
     rgba[:, :3] = to_rgb8(albedo.numpy())
-    mesh.visual.vertex_colors = rgba
+    mesh.visual = trimesh.visual.ColorVisuals(mesh, vertex_colors=rgba)  # also replaces a texture
     return colour_error(views, mesh_views(mesh, system.camera_sampler.orbit(len(views)), views[0]["rgb"].shape[0]))
 
 
@@ -149,7 +150,7 @@ def rescore(report: dict) -> dict:
             glb = Path(r["mesh"]) if r.get("mesh") else sorted((run_dir / "save").glob("*-export/*.glb"))[i]
             m = score_mesh(glb, r["shape"], r["colour"], sampler)
             r.update({f"mesh_{k}": m[k] for k in ("iou", "predicted_shape", "shape_correct", "predicted_colour",
-                                                  "colour_correct", "symmetry", "silhouette_symmetry", "faces")})
+                                                  "colour_correct", "symmetry", "symmetry_threshold", "silhouette_symmetry", "faces")})
             r["mesh"] = str(glb)
             kept = Path(r.get("views_file") or run_dir / f"eval_views_p{i}.npz")
             if kept.exists():
@@ -194,30 +195,34 @@ def per_asset_table(results: list[dict]) -> str:
     def verdict(ok_shape, shape, ok_colour, colour):
         return f"{shape if ok_shape else shape.upper() + '!'} / {colour if ok_colour else colour.upper() + '!'}"
 
+    corners = (f"mesh corners (cornered above {results[0]['mesh_symmetry_threshold']:.3f})"
+               if "mesh_symmetry_threshold" in results[0] else "mesh corners")
     lines = ["| prompt | seed | renders: shape / colour | IoU | mesh file: shape / colour | mesh IoU | "
-             "colour error | s |", "|---|---|---|---|---|---|---|---|"]
+             f"{corners} | colour error | s |", "|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         held = " (held out)" if r["held_out"] else ""
         lines.append(f"| {r['prompt']}{held} | {r['seed']} | "
                      f"{verdict(r['shape_correct'], r['predicted_shape'], r['colour_correct'], r['predicted_colour'])} | "
                      f"{r['iou']:.3f} | "
                      f"{verdict(r['mesh_shape_correct'], r['mesh_predicted_shape'], r['mesh_colour_correct'], r['mesh_predicted_colour'])} | "
-                     f"{r['mesh_iou']:.3f} | {r['mesh_colour_error']:.3f} | {r['wall_time_s']:.0f} |")
+                     f"{r['mesh_iou']:.3f} | {r['mesh_symmetry']:.4f} | {r['mesh_colour_error']:.3f} | "
+                     f"{r['wall_time_s']:.0f} |")
     return "\n".join(lines)
 
 
 def update_card(card: Path, report: dict) -> None:
     text = card.read_text()
     head = text.split("## Evaluation")[0]
-    first = report["runs"][0]
-    # Every run of the first configuration (runs made side by side and combined split the prompts).
-    rows = [r for run_ in report["runs"] if (run_["system"], run_["cfg"]) == (first["system"], first["cfg"])
-            for r in run_["results"]]
+    # Every run of each configuration (runs made side by side and combined split the prompts).
+    configs = list(dict.fromkeys((run_["system"], run_["cfg"]) for run_ in report["runs"]))
+    tables = ""
+    for system, cfg in configs:
+        rows = [r for run_ in report["runs"] if (run_["system"], run_["cfg"]) == (system, cfg) for r in run_["results"]]
+        tables += f"\n\nPer asset ({system}, CFG {cfg:g}):\n\n" + per_asset_table(rows)
     command = report["command"][0] if len(report["command"]) == 1 else shlex.join(report["command"])
     card.write_text(head + "## Evaluation\n\nWritten by `python " + command + "` "
                     f"on {report['machine']}. Wrong verdicts are in capitals with a '!'.\n\n" + card_table(report)
-                    + "\n\nPer asset (" + first["system"] + f", CFG {first['cfg']:g}):\n\n"
-                    + per_asset_table(rows) + "\n")
+                    + tables + "\n")
 
 
 def main() -> None:
@@ -244,12 +249,17 @@ def main() -> None:
               f"{os.cpu_count()} CPUs", "runs": []}
     if args.combine or args.rescore:
         sources = [json.loads(Path(path).read_text()) for path in args.combine or args.rescore]
-        report["command"] = [" ; python ".join(shlex.join(src["command"]) for src in sources)]  # what made them
+        # What made them: a plain command as argv, a combined or rescored one as the text it already is.
+        report["command"] = [" ; python ".join(src["command"][0] if len(src["command"]) == 1 else shlex.join(src["command"])
+                                               for src in sources)]
         for src in sources:
             report["runs"] += src["runs"]
         if args.rescore:
             report["command"] = [report["command"][0] + " ; python " + shlex.join(["scripts/eval_prior.py", *sys.argv[1:]])]
             rescore(report)
+        if args.label:
+            for run_ in report["runs"]:
+                run_["system"] = args.label
     else:
         held_out, seen = default_pairs()
         pairs = held_out + seen
