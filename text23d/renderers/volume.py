@@ -7,7 +7,7 @@ from torch import Tensor, nn
 from text23d.cameras.sampler import Cameras, get_rays
 from text23d.errors import ConfigError
 
-SHADINGS = ("albedo", "lambertian", "textureless")
+SHADINGS = ("albedo", "lambertian", "textureless", "normal")
 
 
 def ray_sphere(origins: Tensor, dirs: Tensor, radius: float) -> tuple[Tensor, Tensor, Tensor]:
@@ -25,9 +25,12 @@ def ray_sphere(origins: Tensor, dirs: Tensor, radius: float) -> tuple[Tensor, Te
 def shade(albedo: Tensor, normals: Tensor | None, points: Tensor, light: Tensor, mode: str,
           ambient: float, diffuse: float) -> Tensor:
     """DreamFusion shading (Sec. 3.1): albedo, lambertian = albedo·(ambient + diffuse·max(0, n·l)),
-    textureless = the same with white albedo (forces geometry, not texture, to explain the image)."""
+    textureless = the same with white albedo (forces geometry, not texture, to explain the image);
+    normal = the unit normal as a colour, (n + 1) / 2 (ProlificDreamer's geometry stage)."""
     if mode == "albedo":
         return albedo
+    if mode == "normal":
+        return normals * 0.5 + 0.5
     light_dir = nn.functional.normalize(light - points, dim=-1)
     lam = ambient + diffuse * (normals * light_dir).sum(-1, keepdim=True).clamp_min(0.0)
     base = albedo if mode == "lambertian" else torch.ones_like(albedo)

@@ -73,7 +73,9 @@ class BaseSystem(L.LightningModule):
             raise ConfigError(f"system.num_particles={n!r}: must be an integer ≥ 1 (e.g. system.num_particles=2)")
         configs = stage_configs(cfg)
         self.stage_steps = allocate_steps(cfg, configs)
-        self.stages = nn.ModuleList(Stage(c, configs[k - 1] if k else None, n) for k, c in enumerate(configs))
+        self.stages = nn.ModuleList()
+        for c in configs:
+            self.stages.append(Stage(c, self.stages[-1] if len(self.stages) else None, n))
         for k, (stage, steps) in enumerate(zip(self.stages, self.stage_steps)):
             stage.steps = steps  # stage-local schedules (VSD's t anneal) count these
             if k and stage.cfg.init == "previous":
@@ -83,7 +85,8 @@ class BaseSystem(L.LightningModule):
             sh = stage.cfg.shading
             parts.check(self, stage.particles[0].geometry, stage.renderer, stage.guidance,
                         {k.removeprefix("lambda_"): v for k, v in stage.cfg.loss.items()},
-                        shading_needs_normals=sh.ambient_only_steps < steps and sh.albedo_prob < 1)
+                        shading_needs_normals=(sh.ambient_only_steps < steps and sh.albedo_prob < 1)
+                        or sh.get("normal_prob", 0) > 0, system_needs=self.stage_needs(stage.cfg))
         self.register_buffer("stage_started", torch.zeros(len(self.stages), dtype=torch.bool))
         self.camera_sampler = instantiate(cfg.camera)  # the evaluation orbit: videos, meshes, checks
         self.prompt_processor = build_prompt_processor(cfg)
@@ -146,6 +149,10 @@ class BaseSystem(L.LightningModule):
     def setup_guidance(self) -> None:
         """Hook for systems whose guidance has trainable parts (VSD)."""
 
+    def stage_needs(self, stage_cfg: DictConfig) -> frozenset:
+        """What this system needs from a stage's guidance (systems/parts.py)."""
+        return self.needs
+
     def on_fit_start(self) -> None:
         plan = " → ".join(f"{st.cfg.name} {n} steps {type(st.particles[0].geometry).__name__}/"
                           f"{type(st.renderer).__name__} {st.cfg.width or self.prior.resolution}x"
@@ -167,6 +174,8 @@ class BaseSystem(L.LightningModule):
     def sample_shading(shading: DictConfig, step: int) -> str:
         """Albedo only while the shape forms; then DreamFusion's random mix, where textureless
         renders make the geometry (not the colours) carry the object."""
+        if shading.get("normal_prob", 0.0) > 0 and torch.rand(()) < shading.normal_prob:
+            return "normal"  # drawn only when asked for, so other runs keep their random streams
         if step < shading.ambient_only_steps or torch.rand(()) < shading.albedo_prob:
             return "albedo"
         return "textureless" if torch.rand(()) < shading.textureless_prob else "lambertian"

@@ -56,7 +56,8 @@ def renderer_outputs(geometry, renderer) -> set:
     return out
 
 
-def check(system, geometry, renderer, guidance, loss_weights: dict, shading_needs_normals: bool) -> None:
+def check(system, geometry, renderer, guidance, loss_weights: dict, shading_needs_normals: bool,
+          system_needs: frozenset | None = None) -> None:
     """Raise ConfigError unless every part gets what it needs. `loss_weights` maps a term name to
     its weight (a number or a ramp); terms whose weight is 0 throughout need nothing."""
     missing = set(renderer.needs) - set(geometry.provides)
@@ -82,7 +83,7 @@ def check(system, geometry, renderer, guidance, loss_weights: dict, shading_need
     if missing:
         _refuse(name("guidance", guidance), missing, name("system", system),
                 FIX.get(("system", sorted(missing)[0]), "a system that provides it"))
-    missing = set(system.needs) - set(guidance.provides)
+    missing = set(system.needs if system_needs is None else system_needs) - set(guidance.provides)
     if missing:
         _refuse(name("system", system), missing, name("guidance", guidance),
                 FIX.get(("guidance", sorted(missing)[0]), "a guidance that provides it"))
@@ -92,9 +93,9 @@ def check_start(stage: str, geometry, previous: str, previous_geometry) -> None:
     """A stage that starts from the previous one (init: previous) must get what its geometry starts
     from: a mesh geometry takes the previous stage's density field, any other one a geometry of its
     own kind to copy."""
-    need = set(getattr(geometry, "needs_previous", ()))
+    same = type(geometry) is type(previous_geometry)  # a copy needs nothing more
+    need = set(getattr(geometry, "needs_previous", ())) if not same else set()
     missing = need - set(previous_geometry.provides)
-    same = type(geometry) is type(previous_geometry)
     if missing or (not need and not same):
         wanted = " and ".join(WHAT.get(n, n) for n in sorted(missing)) or f"a {type(geometry).__name__} to copy"
         raise ConfigError(f"stage {stage}: {name('geometry', geometry)} (init: previous) needs {wanted} from the stage "

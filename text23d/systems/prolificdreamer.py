@@ -1,6 +1,11 @@
-"""ProlificDreamer (Wang et al. 2023), stage 1: n particles optimised with variational score
-distillation, against the frozen prior and a camera-conditioned LoRA that learns what the
-particles currently look like (VSD, eq. 9; the LoRA is trained with the plain diffusion loss)."""
+"""ProlificDreamer (Wang et al. 2023): n particles optimised with variational score distillation,
+against the frozen prior and a camera-conditioned LoRA that learns what the particles currently
+look like (VSD, eq. 9; the LoRA is trained with the plain diffusion loss).
+
+Three stages by default (conf/system/prolificdreamer.yaml): `nerf` (VSD on a NeRF), `geometry` (a
+DMTet mesh from each particle's density, SDS on rendered normals) and `texture` (that mesh frozen,
+its colour field optimised with VSD). A stage whose guidance is SDS is guided as in DreamFusion; the
+VSD stages share one LoRA, which carries on from the first stage to the texture stage."""
 from __future__ import annotations
 
 import os
@@ -24,28 +29,47 @@ class ProlificDreamer(DreamFusion):
         self.lora = self.lora_optimizer = None
         self._lora_optimizer_state = None
 
+    def stage_needs(self, stage_cfg) -> frozenset:
+        """A stage that names a guidance of its own (the geometry stage's SDS) is guided as in
+        DreamFusion; every other stage uses the system's guidance, which must be VSD."""
+        own = (self.cfg.system.get("stage") or {}).get(stage_cfg.name) or {}
+        return frozenset() if (own.get("guidance") or {}).get("_target_") else self.needs
+
+    def vsd_stages(self) -> list:
+        return [st for st in self.stages if hasattr(st.guidance, "lora_loss")]
+
     def setup_guidance(self) -> None:
-        lora = self.guidance.setup(self.prior)
+        first, *others = self.vsd_stages()
+        lora = first.guidance.setup(self.prior)
+        for stage in others:  # one LoRA for every VSD stage: it carries on
+            stage.guidance.lora = lora
+        guidance = first.guidance
         object.__setattr__(self, "lora", lora)  # not a registered child: its frozen base stays out
         # Only the trainable LoRA + camera-embedding tensors are registered (same Parameter objects).
         self.lora_params = nn.ParameterDict(
             {name.replace(".", "__"): p for name, p in lora.named_parameters() if p.requires_grad})
-        self.lora_optimizer = self.guidance.lora_optimizer()
+        self.lora_optimizer = guidance.lora_optimizer()
         if self._lora_optimizer_state is not None:
             self.lora_optimizer.load_state_dict(self._lora_optimizer_state)
 
     def guide(self, stage, rgb, cond, uncond, cams, step: int) -> dict:
+        if not hasattr(stage.guidance, "lora_loss"):  # an SDS stage (geometry): DreamFusion's call
+            return super().guide(stage, rgb, cond, uncond, cams, step)
         return stage.guidance(self.prior, rgb, cond, uncond, cams.c2w.reshape(len(cams), 16), step=step,
                               max_steps=stage.steps, text_plain=self.plain_text(stage, len(cond)))
 
     def after_particles(self, views: list[dict]) -> dict:
-        """Fit the LoRA to the particles' current (detached) renders: the score of their distribution."""
+        """Fit the LoRA to the particles' current (detached) renders: the score of their distribution.
+        Only in VSD stages (an SDS stage's renders are normal maps, not what the LoRA models)."""
+        guidance = self.stages[self.stage_at(self.global_step)].guidance
+        if not hasattr(guidance, "lora_loss"):
+            return {}
         x0 = torch.cat([v["guide"]["x0"] for v in views])
         cond = torch.cat([v["cond"] for v in views])
         c2w = torch.cat([v["cams"].c2w.reshape(len(v["cams"]), 16) for v in views])
-        for _ in range(self.guidance.lora_steps):
+        for _ in range(guidance.lora_steps):
             with torch.enable_grad():
-                loss = self.guidance.lora_loss(x0, cond, c2w)
+                loss = guidance.lora_loss(x0, cond, c2w)
             self.lora_optimizer.zero_grad(set_to_none=True)
             loss.backward()
             self.lora_optimizer.step()
@@ -66,7 +90,7 @@ class ProlificDreamer(DreamFusion):
 
     def save_lora(self, path: Path) -> str:
         os.makedirs(Path(path).parent, exist_ok=True)
-        meta = {"prior": str(self.prior.name), "rank": str(self.guidance.lora_rank),
+        meta = {"prior": str(self.prior.name), "rank": str(self.vsd_stages()[0].guidance.lora_rank),
                 "prompt": str(self.cfg.prompt), "step": str(self.global_step)}
         self.lora.save_safetensors(path, meta)
         return str(path)

@@ -21,7 +21,7 @@ from text23d.errors import ConfigError
 
 log = logging.getLogger("text23d")
 STAGE_KEYS = ("steps", "geometry", "renderer", "width", "height", "batch_size", "optimizer", "loss", "shading",
-              "guidance", "camera", "init", "background", "done")
+              "guidance", "camera", "init", "background", "done", "freeze")
 SYSTEM_DEFAULTS = ("width", "height", "batch_size", "optimizer", "loss", "shading", "background")
 INITS = ("blob", "previous")
 
@@ -45,9 +45,11 @@ def stage_configs(cfg: DictConfig) -> list[DictConfig]:
         merged = {key: s[key] for key in SYSTEM_DEFAULTS}
         merged.update({"name": name, "steps": None, "geometry": cfg.geometry, "renderer": cfg.renderer,
                        "guidance": cfg.guidance, "camera": cfg.camera, "init": "previous" if k else "blob",
-                       "done": False})  # done: made elsewhere (init_from), 0 steps here
+                       "done": False, "freeze": []})  # done: made elsewhere (init_from), 0 steps here
         for key, value in own.items():
-            if key in ("guidance", "camera", "loss", "shading", "optimizer") and value is not None:
+            if key == "guidance" and value is not None and value.get("_target_") not in (None, merged[key]._target_):
+                merged[key] = value  # another kind of guidance (SDS in a VSD system): its own settings only
+            elif key in ("guidance", "camera", "loss", "shading", "optimizer") and value is not None:
                 # changes on top of the system's (a stage may add loss terms the system lacks)
                 base = OmegaConf.create(OmegaConf.to_container(merged[key], resolve=True))
                 merged[key] = OmegaConf.merge(base, value)
@@ -101,12 +103,14 @@ class Particle(nn.Module):
         self.geometry, self.background, self.occupancy = geometry, background, occupancy
 
 
-def build_geometry(stage: DictConfig, previous: DictConfig | None) -> nn.Module:
-    """The stage's geometry; a mesh geometry without a colour field of its own gets one of the
-    previous stage's geometry type (its weights are copied over when the stage starts)."""
+def build_geometry(stage: DictConfig, previous: "Stage | None") -> nn.Module:
+    """The stage's geometry; a mesh geometry without a colour field of its own gets one like the
+    previous stage's (that geometry itself, or its colour field if it is a mesh too); the weights
+    are copied over when the stage starts."""
     geometry = instantiate(stage.geometry)
     if getattr(geometry, "color", "absent") is None and previous is not None and stage.init == "previous":
-        geometry.color = instantiate(previous.geometry)
+        before = previous.particles[0].geometry
+        geometry.color = copy.deepcopy(before.color if getattr(before, "color", None) is not None else before)
     return geometry
 
 
@@ -114,7 +118,7 @@ class Stage(nn.Module):
     """The parts one stage trains: its particles and renderer (modules), and, as plain objects, its
     guidance (cheap: it checks its arguments here) and training-camera sampler."""
 
-    def __init__(self, cfg: DictConfig, previous: DictConfig | None, n_particles: int):
+    def __init__(self, cfg: DictConfig, previous: "Stage | None", n_particles: int):
         super().__init__()
         self.cfg = cfg
         self.renderer = instantiate(cfg.renderer)
@@ -122,8 +126,22 @@ class Stage(nn.Module):
         self.particles = nn.ModuleList(
             Particle(build_geometry(cfg, previous), instantiate(cfg.background), make_occupancy())
             for _ in range(n_particles))
+        self.freeze(list(cfg.get("freeze") or []))
         object.__setattr__(self, "guidance", instantiate(cfg.guidance))
         object.__setattr__(self, "camera_sampler", instantiate(cfg.camera))
+
+    def freeze(self, prefixes: list[str]) -> None:
+        """Parameters named by a prefix (as in geometry.sdf) keep their values for the whole stage:
+        no gradient, not in the optimizer (ProlificDreamer's texture stage keeps the geometry)."""
+        names = [n for n, _ in self.particles.named_parameters()]
+        for prefix in prefixes:
+            hit = [p for n, p in self.particles.named_parameters()
+                   if n.split(".", 1)[1] == prefix or n.split(".", 1)[1].startswith(prefix + ".")]
+            if not hit:
+                raise ConfigError(f"system.stage.{self.cfg.name}.freeze: {prefix!r} matches no parameter; "
+                                  f"they look like: {sorted({n.split('.', 1)[1].rsplit('.', 1)[0] for n in names})[:8]}")
+            for p in hit:
+                p.requires_grad_(False)
 
     def optimizer(self) -> torch.optim.Optimizer:
         """The stage's optimizer over its particles. `param_groups` maps a parameter-name prefix
@@ -133,6 +151,8 @@ class Stage(nn.Module):
         buckets: dict[str, list] = {prefix: [] for prefix in groups}
         rest = []
         for name, p in self.particles.named_parameters():
+            if not p.requires_grad:  # frozen for this stage
+                continue
             local = name.split(".", 1)[1]  # drop the particle index
             match = max((g for g in groups if local == g or local.startswith(g + ".")), key=len, default=None)
             (buckets[match] if match is not None else rest).append(p)
@@ -155,14 +175,14 @@ def start_from(stage: Stage, previous: Stage, cams, radius: float) -> dict:
 
     info = {}
     for i, (new, old) in enumerate(zip(stage.particles, previous.particles)):
-        if hasattr(new.geometry, "init_from_density"):
+        if type(new.geometry) is type(old.geometry):  # the same kind (a mesh after a mesh): a copy
+            new.geometry.load_state_dict(copy.deepcopy(old.geometry.state_dict()))
+        elif hasattr(new.geometry, "init_from_density"):
             threshold, iou = auto_threshold(old.geometry, cams, radius)
             info[f"particle{i}"] = {"threshold": threshold, "silhouette_iou": iou,
                                     **new.geometry.init_from_density(old.geometry.density, threshold,
                                                                      stage=f"stage {stage.cfg.name}")}
             new.geometry.color.load_state_dict(old.geometry.state_dict())
-        elif type(new.geometry) is type(old.geometry):
-            new.geometry.load_state_dict(copy.deepcopy(old.geometry.state_dict()))
         else:
             raise ConfigError(f"stage {stage.cfg.name} cannot start from stage {previous.cfg.name}: "
                               f"{type(new.geometry).__name__} from {type(old.geometry).__name__}. Fix: "

@@ -1,0 +1,147 @@
+"""ProlificDreamer's three stages in one command: VSD on a NeRF, SDS on a DMTet's normal maps, VSD on
+the frozen mesh's colours; every particle through every stage, exported textured on its own; exact
+resume in any stage; stage 1 alone as before; refining an earlier stage-1 run. Real Lightning,
+diffusers, peft, ffmpeg, xatlas, files."""
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import trimesh
+
+from helpers import Crash, compose_cfg
+from text23d.run import run
+
+# Small parts: a 16³ grid, 8³-cube tet grids, 16² renders on the tiny pixel model; 6 steps split
+# 25000 : 15000 : 30000 -> 2 + 1 + 3.
+SMALL = ["geometry=grid", "geometry.resolution=16", "system.stage.geometry.geometry.resolution=8",
+         "system.stage.texture.geometry.resolution=8", "export.texture_size=64"]
+
+
+def pd(model, out, *extra):
+    return compose_cfg(["prompt=a red cube", "system=vsd", "debug=smoke", f"prior.pretrained_model_name_or_path={model}",
+                        f"output_dir={out}", "trainer.enable_progress_bar=false", "trainer.max_steps=6",
+                        *SMALL, *extra])
+
+
+@pytest.fixture(scope="module")
+def three(tiny_pixel_model, tmp_path_factory):
+    out = tmp_path_factory.mktemp("pd") / "straight"
+    return run(pd(tiny_pixel_model, out, "system.num_particles=2", "deterministic=true",
+                  "checkpoint.every_n_train_steps=1")), out
+
+
+def _state(path: Path) -> dict:
+    return torch.load(path, weights_only=True)["state_dict"]
+
+
+def test_every_particle_goes_through_the_three_stages_and_is_exported_textured(three):
+    summary, out = three
+    assert [(s["name"], s["steps"]) for s in summary["stages"]] == [("nerf", 2), ("geometry", 1), ("texture", 3)]
+    assert summary["system"] == "prolificdreamer"
+    for s in summary["stages"]:
+        assert s["wall_time_s"] > 0 and s["final_loss"] is not None
+    particles = summary["artifacts"]["particles"]
+    assert len(particles) == 2 and particles[0]["mesh_glb"] != particles[1]["mesh_glb"]
+    for p in particles:
+        assert Path(p["mesh_glb"]).parent.name == "texture-it000006-export"
+        mesh = trimesh.load(p["mesh_glb"], force="mesh", process=False)
+        assert mesh.visual.kind == "texture" and len(mesh.faces) > 20
+        assert Path(p["mesh_obj"]).with_suffix(".png").is_file()
+    save = {p.name for p in (out / "save").iterdir()}
+    assert {"nerf-it000002-particles.png", "geometry-it000003-particles.png"} <= save
+    ckpt = torch.load(out / "ckpts" / "last.ckpt", weights_only=True)
+    assert ckpt["text23d"]["stage"] == "texture" and ckpt["state_dict"]["stage_started"].tolist() == [True] * 3
+    assert {p.name for p in (out / "ckpts").iterdir()} >= {"nerf.ckpt", "geometry.ckpt", "last.ckpt"}
+
+
+def test_the_geometry_stage_moves_the_surface_and_the_texture_stage_keeps_it(three):
+    _, out = three
+    start, mid, end = (_state(out / "ckpts" / f) for f in ("nerf.ckpt", "geometry.ckpt", "last.ckpt"))
+    for i in range(2):
+        key = f"stages.1.particles.{i}.geometry.sdf"
+        # Stage 2 starts from the stage-1 density (init_from_density) and its SDS step moves it.
+        assert not torch.equal(start[key], mid[key])
+        # Stage 3 is a copy of stage 2's mesh, frozen: the SDF and deformation are those stage 2 left.
+        for name in ("sdf", "deform"):
+            assert torch.equal(mid[f"stages.1.particles.{i}.geometry.{name}"],
+                               end[f"stages.2.particles.{i}.geometry.{name}"])
+        # ... while its colour field trains.
+        colour = [k for k in end if k.startswith(f"stages.2.particles.{i}.geometry.color.")]
+        assert colour and any(not torch.equal(mid[k.replace("stages.2", "stages.1")], end[k]) for k in colour)
+
+
+def test_one_lora_trains_in_the_vsd_stages_only(three):
+    _, out = three
+    start, mid, end = (_state(out / "ckpts" / f) for f in ("nerf.ckpt", "geometry.ckpt", "last.ckpt"))
+    lora = [k for k in end if k.startswith("lora_params.") and "lora_B" in k]
+    assert lora
+    assert all(torch.equal(start[k], mid[k]) for k in lora)  # the SDS stage on normals leaves it alone
+    assert any(not torch.equal(mid[k], end[k]) for k in lora)  # the texture stage trains it on
+
+
+def test_normal_shading_renders_the_normal_as_a_colour():
+    from text23d.cameras.sampler import RandomCameraSampler
+    from text23d.geometry.dmtet import DMTet
+    from text23d.geometry.grid import DenseGrid
+    from text23d.renderers.background import Background
+    from text23d.renderers.mesh import MeshRenderer
+
+    geometry = DMTet(resolution=12, color=DenseGrid(resolution=8))
+    out = MeshRenderer(implementation="torch")(geometry, Background(mode="solid", color=[0, 0, 0]),
+                                                RandomCameraSampler().orbit(1), 24, 24, shading="normal")
+    inside = out["opacity"][0, ..., 0] > 0.999
+    expected = (out["comp_normal"][0][inside] + 1) / 2
+    assert inside.sum() > 50
+    torch.testing.assert_close(out["comp_rgb"][0][inside], expected, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("crash_at", [  # stages end at steps 2, 3, 6: in stage 1, at each boundary, in stage 3
+    pytest.param(1, marks=pytest.mark.slow), pytest.param(2, marks=pytest.mark.slow), 3,
+    pytest.param(5, marks=pytest.mark.slow)])
+def test_killed_in_any_stage_and_resumed_ends_bit_identical(three, tiny_pixel_model, tmp_path, crash_at):
+    _, reference = three
+    out = tmp_path / "crashed"
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        run(pd(tiny_pixel_model, out, "system.num_particles=2", "deterministic=true",
+               "checkpoint.every_n_train_steps=1"), callbacks=[Crash(crash_at)])
+    resumed = run(compose_cfg([f"resume={out}"]), overrides=[f"resume={out}"])
+    assert resumed["steps"] == 6 and [s["name"] for s in resumed["stages"]] == ["nerf", "geometry", "texture"]
+    a, b = _state(reference / "ckpts" / "last.ckpt"), _state(out / "ckpts" / "last.ckpt")
+    different = [k for k in a if not torch.equal(a[k], b[k])]
+    assert a.keys() == b.keys() and not different, different
+
+
+def test_stage_one_alone_and_then_refined_from_it(tiny_pixel_model, tmp_path):
+    first = tmp_path / "nerf_only"
+    one = run(pd(tiny_pixel_model, first, "system.stages=[nerf]", "trainer.max_steps=2"))
+    assert [s["name"] for s in one["stages"]] == ["nerf"] and "it000002-export" in one["artifacts"]["mesh_glb"]
+    refined = run(pd(tiny_pixel_model, tmp_path / "refined", f"init_from={first}", "trainer.max_steps=4"))
+    assert [(s["name"], s["steps"]) for s in refined["stages"]][0] == ("nerf", 0)
+    assert str(first) in refined["stages"][0]["from"] and sum(s["steps"] for s in refined["stages"]) == 4
+    assert "texture-it000004-export" in refined["artifacts"]["mesh_glb"]
+
+
+def test_a_frozen_name_that_matches_nothing_is_refused(tiny_pixel_model, tmp_path):
+    from text23d.errors import ConfigError
+    from text23d.run import build_system
+
+    with pytest.raises(ConfigError, match=r"system.stage.texture.freeze: 'geometry.sfd' matches no parameter"):
+        build_system(pd(tiny_pixel_model, tmp_path, "system.stage.texture.freeze=[geometry.sfd]"))
+
+
+def test_prolificdreamer_on_the_builtin_prior_through_the_command(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    text23d = str(Path(sys.executable).parent / "text23d")
+    p = subprocess.run([text23d, "prompt=a blue cube", "system=vsd", "prior=builtin", "debug=smoke",
+                        f"output_root={tmp_path}", "trainer.enable_progress_bar=false", "trainer.max_steps=6",
+                        "system.stage.geometry.geometry.resolution=12", "system.stage.texture.geometry.resolution=12"],
+                       env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
+    [run_dir] = list((tmp_path / "prolificdreamer").iterdir())
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert [s["name"] for s in summary["stages"]] == ["nerf", "geometry", "texture"]
+    assert "texture-it000006-export" in summary["artifacts"]["mesh_glb"]
