@@ -24,6 +24,9 @@ $(VENV)/.installed: pyproject.toml Makefile
 	@if command -v npm >/dev/null; then npm install --silent --no-audit --no-fund --prefix .tools/gltf gltf-validator@2.0.0-dev.3.10 \
 	  || echo "setup: npm could not install gltf-validator; its test will be skipped"; \
 	else echo "setup: no npm; the Khronos glTF validator test will be skipped"; fi
+	@if command -v npm >/dev/null; then npm install --silent --no-audit --no-fund --prefix .tools/viewer \
+	  @sparticuz/chromium@147 puppeteer-core@24 three@0.187 \
+	  || echo "setup: npm could not install the headless-Chromium viewer; its test will be skipped"; fi
 	@touch $@
 
 demo: setup

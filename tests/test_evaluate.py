@@ -9,7 +9,7 @@ from text23d.run import build_system
 
 
 def two_particles(tmp_path):
-    cfg = compose_cfg(["prompt=a red cube", "prior=builtin", "system=vsd", "system.num_particles=2",
+    cfg = compose_cfg(["prompt=a red cube", "prior=builtin", "system=vsd", "system.stages=[nerf]", "system.num_particles=2",
                        f"output_dir={tmp_path}"])
     return build_system(cfg)
 

@@ -182,3 +182,44 @@ def test_khronos_gltf_validator_finds_no_errors(tmp_path):
                        timeout=120, env={**os.environ, "NODE_PATH": str(VALIDATOR_MODULES)})
     report = json.loads(p.stdout)
     assert p.returncode == 0 and report["errors"] == 0 and report["warnings"] == 0, report
+
+
+VIEWER_MODULES = ROOT / ".tools" / "viewer" / "node_modules"
+
+
+@pytest.mark.skipif(shutil.which("node") is None or not (VIEWER_MODULES / "@sparticuz" / "chromium").exists(),
+                    reason="the headless-Chromium glTF viewer (node + npm @sparticuz/chromium, puppeteer-core, "
+                           "three) is set up by `make setup`; this machine has no node")
+def test_a_real_gltf_viewer_shows_the_baked_texture(tmp_path):
+    """three.js's GLTFLoader in headless Chromium (WebGL through SwiftShader) loads the GLB, finds
+    the texture, UVs and material, and renders every pixel of the sphere in its baked colour."""
+    import base64
+
+    mesh, _ = textured_mesh(sphere(), normal_colour, 256)
+    glb = save_textured(mesh, str(tmp_path), "model", ["glb"])["glb"]
+    size = 64
+    p = subprocess.run(["node", str(ROOT / "scripts" / "view_glb.mjs"), glb, str(size)], capture_output=True,
+                       text=True, timeout=180, env={**os.environ, "NODE_PATH": str(VIEWER_MODULES)})
+    assert p.returncode == 0, p.stderr[-2000:]
+    result = json.loads(p.stdout)
+    [found] = result["meshes"]
+    assert found["map"] and found["uv"] and found["metalness"] == 0 and found["roughness"] == 1
+    rgba = np.frombuffer(base64.b64decode(result["pixels"]), np.uint8).reshape(size, size, 4)[::-1]  # rows top down
+    # The same picture worked out here: a camera on glTF's +z at 2.5, fovy 40°, the sphere (r 0.5)
+    # at the origin; each pixel's ray hits it at p, whose world point (z up) gives the colour.
+    ys, xs = np.mgrid[0:size, 0:size]
+    t = np.tan(np.radians(20))
+    d = np.stack([((xs + 0.5) / size * 2 - 1) * t, (1 - (ys + 0.5) / size * 2) * t, -np.ones_like(xs, float)], -1)
+    d /= np.linalg.norm(d, axis=-1, keepdims=True)
+    o = np.array([0.0, 0.0, 2.5])
+    b = d @ o
+    disc = b ** 2 - (o @ o - 0.25)
+    hit = disc > 0.02  # inside the silhouette, away from its edge
+    p_gl = o + d * (-b - np.sqrt(np.clip(disc, 0, None)))[..., None]
+    world = np.stack([p_gl[..., 0], -p_gl[..., 2], p_gl[..., 1]], -1)  # glTF y-up back to z-up
+    expected = (world / np.linalg.norm(world, axis=-1, keepdims=True) + 1) / 2
+    got = rgba[..., :3] / 255.0
+    assert hit.sum() > 300
+    err = np.abs(got[hit] - expected[hit])
+    assert err.mean() < 0.03 and np.quantile(err, 0.95) < 0.08, (err.mean(), np.quantile(err, 0.95))
+    assert (got[~(disc > -0.02)] > 0.99).all()  # the white background around it

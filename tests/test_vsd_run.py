@@ -12,9 +12,10 @@ from text23d.run import build_system, run
 
 
 def vsd_cfg(model, out, *extra):
+    """Stage 1 only (system.stages=[nerf]): the three stages are tests/test_prolificdreamer.py's."""
     return compose_cfg(["prompt=a red cube", "system=vsd", "debug=smoke", f"prior.pretrained_model_name_or_path={model}",
                         f"output_dir={out}", "trainer.enable_progress_bar=false", "geometry=grid",
-                        "geometry.resolution=16", *extra])
+                        "geometry.resolution=16", "system.stages=[nerf]", *extra])
 
 
 def test_two_particles_are_exported_separately_and_differ(tiny_pixel_model, tmp_path):
@@ -74,7 +75,7 @@ def test_vsd_on_the_builtin_prior_from_the_command_line_and_resume(tmp_path):
 
     text23d = str(Path(sys.executable).parent / "text23d")
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    args = [text23d, "prompt=a red cube", "system=vsd", "prior=builtin", "debug=smoke",
+    args = [text23d, "prompt=a red cube", "system=vsd", "prior=builtin", "debug=smoke", "system.stages=[nerf]",
             f"output_root={tmp_path}", "trainer.enable_progress_bar=false"]
     p = subprocess.run(args, env=env, capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
