@@ -44,6 +44,12 @@ CONFIGS = {
                                        "system.width=128", "system.height=128"], False),
     "magic3d-fine-builtin": ("builtin", ["system=magic3d", "system.stage.coarse.steps=1",
                                          "system.stage.fine.steps=100"], False),
+    # ProlificDreamer's stage 2 (DMTet, SDS) and stage 3 (frozen mesh, VSD), each after one step of the
+    # stages before it (inside the warm-up).
+    "pd-geometry-builtin": ("builtin", ["system=vsd", "system.stage.nerf.steps=1", "system.stage.geometry.steps=100",
+                                        "system.stage.texture.steps=1"], False),
+    "pd-texture-builtin": ("builtin", ["system=vsd", "system.stage.nerf.steps=1", "system.stage.geometry.steps=1",
+                                       "system.stage.texture.steps=100"], False),
     "magic3d-coarse-sd21-64": ("sd21", ["prior.dtype=float16", "system=magic3d", "system.stages=[coarse]"], True),
     "magic3d-fine-sd21-512": ("sd21", ["prior.dtype=float16", "system=magic3d", "system.stage.coarse.steps=1",
                                        "system.stage.fine.steps=100"], True),
