@@ -62,7 +62,8 @@ def evaluate(pairs, system: str, cfg_scale: float, out: Path, overrides: list[st
                 last = k == len(stages) - 1
                 if not last:  # the mesh of an earlier stage: exported from the checkpoint kept at its end
                     ckpt = run_dir / "ckpts" / f"{stage['name']}.ckpt"
-                    export_only(compose([f"export.ckpt={ckpt}", "export.video_views=8"]))
+                    export_only(compose([f"export.ckpt={ckpt}", "export.video_views=8",
+                                         f"export.texture_size={cfg.export.texture_size}"]))  # as the last stage
                 else:
                     ckpt = run_dir
                 rows = score_run(ckpt, shape, colour, run_dir, tag="" if last else f"_{stage['name']}")

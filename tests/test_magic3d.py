@@ -76,14 +76,17 @@ def test_killed_anywhere_and_resumed_ends_bit_identical(straight, tiny_latent_mo
 def test_export_from_a_coarse_and_a_fine_checkpoint(straight, tiny_latent_model, tmp_path):
     out = tmp_path / "coarse_only"
     run(magic3d(tiny_latent_model, out, "system.stages=[coarse]", "trainer.max_steps=2"))
-    coarse = run(compose_cfg([f"export.ckpt={out}", "export.format=glb", "export.video_views=2",
+    coarse = run(compose_cfg(["export.texture_size=64", f"export.ckpt={out}", "export.format=glb",
+                              "export.video_views=2",
                               "export.resolution=32"]))
     assert "isosurface_threshold" in coarse["metrics"]  # a density stage: marching cubes at a chosen level
     assert trimesh.load(coarse["artifacts"]["mesh_glb"], force="mesh").faces.shape[0] > 50
     _, fine_run = straight
-    fine = run(compose_cfg([f"export.ckpt={fine_run}", "export.format=obj", "export.video_views=2"]))
+    fine = run(compose_cfg(["export.texture_size=64", f"export.ckpt={fine_run}", "export.format=obj",
+                            "export.video_views=2"]))
     assert "fine-it000006-export" in fine["artifacts"]["mesh_obj"]
-    kept = run(compose_cfg([f"export.ckpt={fine_run / 'ckpts' / 'coarse.ckpt'}", "export.format=obj",
+    kept = run(compose_cfg(["export.texture_size=64", f"export.ckpt={fine_run / 'ckpts' / 'coarse.ckpt'}",
+                            "export.format=obj",
                             "export.video_views=2", "export.resolution=32"]))
     assert "coarse-it000004-export" in kept["artifacts"]["mesh_obj"] and "isosurface_threshold" in kept["metrics"]
 

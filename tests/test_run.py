@@ -7,6 +7,7 @@ import lightning as L
 import pytest
 import torch
 import trimesh
+from PIL import Image
 
 from helpers import Crash, compose_cfg
 from text23d.errors import CheckpointError
@@ -39,7 +40,8 @@ def test_a_run_writes_every_artifact(smoke_run):
     for mesh in (obj, glb):  # textured by default: one UV per vertex and the baked PNG
         assert mesh.visual.kind == "texture" and mesh.visual.uv.shape == (len(mesh.vertices), 2)
     assert (Path(a["mesh_obj"]).parent / "model.png").is_file()
-    assert summary["metrics"]["texture_size"] == 1024 and summary["metrics"]["bake_s"] > 0
+    assert summary["metrics"]["texture_size"] == 64 and summary["metrics"]["bake_s"] > 0  # debug=smoke's size
+    assert Image.open(Path(a["mesh_obj"]).parent / "model.png").size == (64, 64)
     # the initial blob (radius 0.5) is what a 4-step run holds: the mesh must be about that size
     assert 0.25 < obj.bounding_sphere.primitive.radius < 0.8
     assert summary["metrics"]["mesh_silhouette_iou"] > 0.8
@@ -50,7 +52,7 @@ def test_a_run_writes_every_artifact(smoke_run):
 
 def test_export_from_a_checkpoint_needs_no_diffusion_model(smoke_run):
     _, out = smoke_run
-    cfg = compose_cfg([f"export.ckpt={out}", "export.format=glb", "export.video_views=4",
+    cfg = compose_cfg([f"export.ckpt={out}", "export.format=glb", "export.video_views=4", "export.texture_size=64",
                        "prior.pretrained_model_name_or_path=/nonexistent/model"])
     res = run(cfg)
     assert set(res["artifacts"]) == {"video", "grid", "mesh_glb"}
@@ -60,7 +62,8 @@ def test_export_from_a_checkpoint_needs_no_diffusion_model(smoke_run):
 
 def test_export_texture_false_writes_vertex_colours(smoke_run):
     _, out = smoke_run
-    res = run(compose_cfg([f"export.ckpt={out}", "export.texture=false", "export.video_views=2"]))
+    res = run(compose_cfg(["export.texture_size=64", f"export.ckpt={out}", "export.texture=false",
+                           "export.video_views=2"]))
     obj = trimesh.load(res["artifacts"]["mesh_obj"], process=False)
     assert obj.visual.kind == "vertex" and obj.visual.vertex_colors.shape[0] == len(obj.vertices)
     assert "texture_size" not in res["metrics"] and res["metrics"]["mesh_faces"] > 100

@@ -59,7 +59,8 @@ def test_vsd_resume_is_bit_identical(tiny_pixel_model, tmp_path):
 
 def test_export_from_a_vsd_checkpoint(tiny_pixel_model, tmp_path):
     run(vsd_cfg(tiny_pixel_model, tmp_path / "r", "trainer.max_steps=2"))
-    res = run(compose_cfg([f"export.ckpt={tmp_path / 'r'}", "export.format=obj", "export.video_views=2"]))
+    res = run(compose_cfg(["export.texture_size=64", f"export.ckpt={tmp_path / 'r'}", "export.format=obj",
+                           "export.video_views=2"]))
     assert Path(res["artifacts"]["mesh_obj"]).is_file()
 
 
