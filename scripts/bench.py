@@ -110,7 +110,7 @@ def bench_texture(name: str) -> dict:
         def bumpy(x):  # the blob with ripples, so the surface has detail for the atlas to cut
             r = x.norm(dim=-1)
             return 10 * (1 - r / (0.5 + 0.03 * torch.sin(12 * x[:, 0]) * torch.cos(12 * x[:, 1])))
-        resolution = int(64 * (faces / 25_000) ** 0.5)  # marching-cubes faces grow with resolution²
+        resolution = int((faces / 1.2) ** 0.5) + 8  # a sphere of radius 0.5 gives ~1.2·resolution² faces
         mesh = decimate(extract_mesh(bumpy, None, 1.0, resolution, 0.0), faces)
         colour = lambda p, n: composited_colors(geometry.density, geometry.albedo, p, n, 1.0, 0.03)
         t = time.perf_counter()

@@ -122,6 +122,17 @@ def test_stage_one_alone_and_then_refined_from_it(tiny_pixel_model, tmp_path):
     assert "texture-it000004-export" in refined["artifacts"]["mesh_glb"]
 
 
+def test_a_stage_two_run_is_textured_by_init_from(tiny_pixel_model, tmp_path):
+    first = tmp_path / "geometry_done"
+    two = run(pd(tiny_pixel_model, first, "system.stages=[nerf,geometry]", "trainer.max_steps=3"))
+    assert [s["name"] for s in two["stages"]] == ["nerf", "geometry"]
+    textured = run(pd(tiny_pixel_model, tmp_path / "textured", f"init_from={first}", "trainer.max_steps=2"))
+    assert [(s["name"], s["steps"]) for s in textured["stages"]] == [("geometry", 0), ("texture", 2)]
+    sdf = "stages.1.particles.0.geometry.sdf"
+    assert torch.equal(_state(first / "ckpts" / "last.ckpt")[sdf],
+                       _state(tmp_path / "textured" / "ckpts" / "last.ckpt")[sdf.replace("stages.1", "stages.2")])
+
+
 def test_a_frozen_name_that_matches_nothing_is_refused(tiny_pixel_model, tmp_path):
     from text23d.errors import ConfigError
     from text23d.run import build_system
