@@ -60,7 +60,8 @@ CONFIGS = {
 # export does) of a mesh of about this many faces; "-decimated" first decimates to export.target_faces.
 TEXTURE = {"texture-10k": 10_000, "texture-50k": 50_000, "texture-200k": 200_000}
 CONFIGS.update({name: ("texture", [faces], False) for name, faces in TEXTURE.items()})
-CONFIGS["texture-200k-decimated"] = ("texture", [200_000, 100_000], False)
+CONFIGS["texture-200k-to-100k"] = ("texture", [200_000, 100_000], False)
+CONFIGS["texture-200k-decimated"] = ("texture", [200_000, 50_000], False)  # export.target_faces's default
 WORDS = "a red blue green cube sphere hamburger front side back overhead view".split()
 
 
