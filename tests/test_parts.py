@@ -67,12 +67,11 @@ REFUSAL = r"needs .+, which .+ does not provide\. Fix: .+"
 
 def expected_refusal(c: dict) -> bool:
     """The known mismatches, whatever the prior: VSD guidance without the VSD system or the other
-    way round; a mesh geometry without the rasteriser or the other way round (for Magic3D's coarse
-    stage too, whose fine stage then has no density field to start from)."""
+    way round; a mesh geometry without the rasteriser or the other way round. (A DMTet first stage
+    hands the next DMTet stage a copy: allowed when their grids match, as `build` makes them.)"""
     vsd_mismatch = (c["system"] == "prolificdreamer") != (c["guidance"] == "vsd")
     mesh_mismatch = (c["geometry"] == "dmtet") != (c["renderer"] == "rasterize")
-    magic3d_from_mesh = c["system"] == "magic3d" and c["geometry"] == "dmtet"
-    return vsd_mismatch or mesh_mismatch or magic3d_from_mesh
+    return vsd_mismatch or mesh_mismatch
 
 
 def test_every_combination_builds_or_is_refused_with_a_message_that_names_the_parts(outcomes):
@@ -99,11 +98,11 @@ def test_every_combination_that_builds_trains_a_step(outcomes, tiny_pixel_model,
         L.seed_everything(0, verbose=False)
         system = build(combo, tmp_path, "debug=smoke",
                        f"prior.pretrained_model_name_or_path={tiny_pixel_model}", "prior.resolution=null",
-                       "prior.latent=auto", "prior.dtype=float32", "trainer.max_steps=2")
-        trainer = L.Trainer(max_steps=2, accelerator="cpu", logger=False, enable_checkpointing=False,
+                       "prior.latent=auto", "prior.dtype=float32", "trainer.max_steps=3")
+        trainer = L.Trainer(max_steps=3, accelerator="cpu", logger=False, enable_checkpointing=False,
                             enable_progress_bar=False, enable_model_summary=False, max_epochs=-1)
-        trainer.fit(system)  # 2 steps: Magic3D's fine stage starts from its coarse one too
-        assert trainer.global_step == 2 and math.isfinite(float(trainer.callback_metrics["train/loss"])), parts_
+        trainer.fit(system)  # 3 steps: every stage of Magic3D and ProlificDreamer starts from the one before
+        assert trainer.global_step == 3 and math.isfinite(float(trainer.callback_metrics["train/loss"])), parts_
         assert not system.prior.text_encoder_loaded, "prompts are cached: the text encoder is released"
 
 
@@ -131,3 +130,13 @@ def test_a_loss_term_the_renderer_cannot_feed_is_refused(tmp_path):
     with pytest.raises(ConfigError, match=r"lambda_orient needs per-sample volume-rendering weights.*lambda_orient=0"):
         parts.check(*args, {"orient": [0, 10.0, 1000.0, 5000]}, shading_needs_normals=False)
     parts.check(*args, {"orient": 0.0, "sparsity": 1.0}, shading_needs_normals=False)  # weight 0: fine
+
+
+def test_a_copied_mesh_stage_of_another_size_is_refused(tmp_path):
+    """A DMTet stage that starts from a DMTet stage copies it: their grids must match."""
+    with pytest.raises(ConfigError, match=r"stage fine: geometry DMTet \(init: previous\) needs a copy of its own size "
+                                          r"\(deform: \(2197, 3\)\), which stage coarse's geometry DMTet does not provide "
+                                          r"\(\(35937, 3\)\)\. Fix: the same geometry.resolution"):
+        build_system(compose_cfg(["prompt=x", f"output_dir={tmp_path}", "system=magic3d", "geometry=dmtet",
+                                  "renderer=rasterize", "geometry.resolution=32",
+                                  "system.stage.fine.geometry.resolution=12"]))

@@ -93,7 +93,16 @@ def check_start(stage: str, geometry, previous: str, previous_geometry) -> None:
     """A stage that starts from the previous one (init: previous) must get what its geometry starts
     from: a mesh geometry takes the previous stage's density field, any other one a geometry of its
     own kind to copy."""
-    same = type(geometry) is type(previous_geometry)  # a copy needs nothing more
+    same = type(geometry) is type(previous_geometry)  # a copy needs nothing more, but the same shapes
+    if same:
+        mine, theirs = ({k: tuple(v.shape) for k, v in g.state_dict().items()} for g in (geometry, previous_geometry))
+        if mine != theirs:
+            diff = sorted(k for k in mine.keys() | theirs.keys() if mine.get(k) != theirs.get(k))
+            raise ConfigError(f"stage {stage}: {name('geometry', geometry)} (init: previous) needs a copy of its own "
+                              f"size ({diff[0]}: {mine.get(diff[0])}), which stage {previous}'s "
+                              f"{name('geometry', previous_geometry)} does not provide ({theirs.get(diff[0])}). Fix: "
+                              f"the same geometry.resolution in both stages (system.stage.{stage}.geometry.resolution), "
+                              f"or system.stage.{stage}.init=blob")
     need = set(getattr(geometry, "needs_previous", ())) if not same else set()
     missing = need - set(previous_geometry.provides)
     if missing or (not need and not same):
