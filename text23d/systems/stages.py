@@ -139,7 +139,7 @@ class Stage(nn.Module):
                    if n.split(".", 1)[1] == prefix or n.split(".", 1)[1].startswith(prefix + ".")]
             if not hit:
                 raise ConfigError(f"system.stage.{self.cfg.name}.freeze: {prefix!r} matches no parameter; "
-                                  f"they look like: {sorted({n.split('.', 1)[1].rsplit('.', 1)[0] for n in names})[:8]}")
+                                  f"they look like: {sorted({'.'.join(n.split('.')[1:3]) for n in names})[:8]}")
             for p in hit:
                 p.requires_grad_(False)
 
