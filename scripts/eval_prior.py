@@ -28,6 +28,11 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
+# What the judgement of the exported file adds to a row, as mesh_<field>.
+MESH_FIELDS = ("iou", "predicted_shape", "shape_correct", "predicted_colour", "colour_correct", "symmetry",
+               "symmetry_threshold", "silhouette_symmetry", "faces")
+
+
 def evaluate(pairs, system: str, cfg_scale: float, out: Path, overrides: list[str], held: set,
              seeds: list[int]) -> tuple[list[dict], list[dict]]:
     """One row per asset (every particle of every seed, and for a system of several stages every
@@ -103,8 +108,7 @@ def score_run(ckpt, shape: str, colour: str, run_dir: Path, tag: str) -> list[di
         # The file a user takes away: the exported GLB, judged the same way, and how far its
         # colours are from the renders' over the same orbit.
         m = score_mesh(glb, shape, colour, system.camera_sampler)
-        r.update({f"mesh_{k}": m[k] for k in ("iou", "predicted_shape", "shape_correct", "predicted_colour",
-                                              "colour_correct", "symmetry", "symmetry_threshold", "silhouette_symmetry", "faces")})
+        r.update({f"mesh_{k}": m[k] for k in MESH_FIELDS})
         r["mesh_colour_error"] = colour_error(r["views"], m["views"])
         r["views_file"] = str(run_dir / f"eval_views{tag}_p{i}.npz")  # the renders, for --rescore
         np.savez_compressed(r["views_file"], rgb=np.stack([v["rgb"] for v in r["views"]]),
@@ -150,8 +154,7 @@ def rescore(report: dict) -> dict:
             r.setdefault("stage", "main")
             glb = Path(r["mesh"]) if r.get("mesh") else sorted((run_dir / "save").glob("*-export/*.glb"))[i]
             m = score_mesh(glb, r["shape"], r["colour"], sampler)
-            r.update({f"mesh_{k}": m[k] for k in ("iou", "predicted_shape", "shape_correct", "predicted_colour",
-                                                  "colour_correct", "symmetry", "symmetry_threshold", "silhouette_symmetry", "faces")})
+            r.update({f"mesh_{k}": m[k] for k in MESH_FIELDS})
             r["mesh"] = str(glb)
             kept = Path(r.get("views_file") or run_dir / f"eval_views_p{i}.npz")
             if kept.exists():

@@ -12,7 +12,6 @@ import torch
 import trimesh
 from PIL import Image
 
-from text23d.export.mesh import Z_UP_TO_Y_UP
 from text23d.export.texture import PAD_TEXELS, decimate, rasterize_uv, save_textured, textured_mesh
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -29,10 +28,10 @@ def sphere():
 
 
 def reload(path):
-    mesh = trimesh.load(str(path), force="mesh", process=False)
-    if str(path).endswith(".glb"):
-        mesh.apply_transform(np.linalg.inv(Z_UP_TO_Y_UP))
-    return mesh
+    """The file back in the world frame (z up), as the evaluation reads it."""
+    from text23d.builtin.evaluate import load_exported_mesh
+
+    return load_exported_mesh(path)
 
 
 def texture_of(mesh) -> Image.Image:
