@@ -8,6 +8,8 @@
     python scripts/eval_prior.py --seeds 0 1 2 3                   # SDS's diversity across seeds
     python scripts/eval_prior.py --combine a/eval.json b/eval.json # one table from separate runs
     python scripts/eval_prior.py --rescore a/eval.json --out b     # judge the exported meshes again
+    python scripts/eval_prior.py --system vsd --init-from a/vsd-cfg7.5/{slug}/ckpts/geometry.ckpt \
+        -- system.stage.texture.lora=reset                          # only stage 3 again, LoRA reset
 
 Every asset is a real `text23d` run (`prior=builtin`, the system's own settings) in its own
 folder under --out; JSON results and one PNG strip per asset (generated views over the ground
@@ -30,14 +32,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 # What the judgement of the exported file adds to a row, as mesh_<field>.
 MESH_FIELDS = ("iou", "predicted_shape", "shape_correct", "predicted_colour", "colour_correct", "symmetry",
-               "symmetry_threshold", "silhouette_symmetry", "faces")
+               "symmetry_threshold", "silhouette_symmetry", "faces", "mean_albedo")
 
 
 def evaluate(pairs, system: str, cfg_scale: float, out: Path, overrides: list[str], held: set,
-             seeds: list[int]) -> tuple[list[dict], list[dict]]:
+             seeds: list[int], init_from: str | None = None) -> tuple[list[dict], list[dict]]:
     """One row per asset (every particle of every seed, and for a system of several stages every
     stage, from the checkpoint kept at its end); one diversity row per prompt when a prompt has
-    several assets (of the last stage)."""
+    several assets (of the last stage). `init_from`: a path with {slug} (the prompt's folder name)
+    each run starts from; the stages it supplies are not judged again."""
     import lightning as L
 
     from text23d.builtin.evaluate import caption_of, diversity, score_asset
@@ -54,6 +57,7 @@ def evaluate(pairs, system: str, cfg_scale: float, out: Path, overrides: list[st
             cfg = compose([f"prompt={prompt}", f"system={system}", "prior=builtin", f"output_dir={run_dir}",
                            f"guidance.guidance_scale={cfg_scale}", f"seed={seed}", "trainer.enable_progress_bar=false",
                            "export.video_views=8", "validation.every_n_steps=0",
+                           *([f"init_from={init_from.format(slug=slugify(prompt))}"] if init_from else []),
                            *overrides])
             L.seed_everything(cfg.seed, verbose=False)
             blob = score_asset(build_system(cfg), shape, colour)  # the starting point: a density blob
@@ -63,6 +67,8 @@ def evaluate(pairs, system: str, cfg_scale: float, out: Path, overrides: list[st
             stages = summary["stages"]
             elapsed = 0.0
             for k, stage in enumerate(stages):
+                if "from" in stage:  # made by the init_from run, judged there
+                    continue
                 elapsed += stage.get("wall_time_s") or 0.0
                 last = k == len(stages) - 1
                 if not last:  # the mesh of an earlier stage: exported from the checkpoint kept at its end
@@ -237,6 +243,8 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0], help="several seeds: diversity across runs")
     ap.add_argument("--label", help="name of this configuration in tables (default: the system)")
     ap.add_argument("--out", default="outputs/eval")
+    ap.add_argument("--init-from", metavar="PATH", help="each run starts from PATH, where {slug} is the prompt's "
+                    "folder name, e.g. outputs/ev/vsd-cfg7.5/{slug}/ckpts/geometry.ckpt")
     ap.add_argument("--combine", nargs="+", metavar="EVAL_JSON", help="only merge earlier eval.json files into one table")
     ap.add_argument("--rescore", nargs="+", metavar="EVAL_JSON", help="judge the meshes of earlier evaluations again")
     ap.add_argument("--update-card", action="store_true", help="write the table into the model card")
@@ -276,7 +284,8 @@ def main() -> None:
                 sys.exit(f"--prompts {bad}: each must be 'a {{colour}} {{shape}}' with a colour from {list(COLOURS)} "
                          f"and a shape from {list(SHAPES)}, e.g. --prompts \"a blue cube\"")
         for scale in args.cfg:
-            results, spread = evaluate(pairs, args.system, scale, out, args.overrides, set(held_out), args.seeds)
+            results, spread = evaluate(pairs, args.system, scale, out, args.overrides, set(held_out), args.seeds,
+                                       args.init_from)
             names = list(dict.fromkeys(r["stage"] for r in results))
             for name in names:  # one entry per stage; the last one carries the diversity
                 rows = [r for r in results if r["stage"] == name]

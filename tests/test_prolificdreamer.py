@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 import trimesh
 
 from helpers import Crash, compose_cfg
@@ -112,6 +113,60 @@ def test_killed_in_any_stage_and_resumed_ends_bit_identical(three, tiny_pixel_mo
     assert a.keys() == b.keys() and not different, different
 
 
+def test_lora_reset_starts_the_texture_stage_from_the_built_weights(tiny_pixel_model, tmp_path):
+    from text23d.prior.loading import load_prior
+    from text23d.run import build_system
+
+    cfg = pd(tiny_pixel_model, tmp_path, "system.stage.texture.lora=reset")
+    system = build_system(cfg)
+    system.prior = load_prior(**OmegaConf.to_container(cfg.prior, resolve=True), device="cpu")
+    system.setup_guidance()
+    built = system.lora.trainable_state_dict()
+    with torch.no_grad():  # as if stage 1 had trained it
+        for p in system.lora.trainable_parameters():
+            p.add_(0.5)
+    system.lora_optimizer.state[system.lora.trainable_parameters()[0]] = {"step": torch.tensor(7.0)}
+    system.begin_stage(1)  # the geometry stage (SDS) carries it: nothing changes
+    assert all(torch.equal(built[k] + 0.5, v) for k, v in system.lora.trainable_state_dict().items())
+    system.begin_stage(2)
+    now = system.lora.trainable_state_dict()
+    assert now.keys() == built.keys() and all(torch.equal(built[k], now[k]) for k in built)
+    assert not system.lora_optimizer.state  # and a new optimizer
+
+
+@pytest.mark.parametrize("crash_at", [3, pytest.param(4, marks=pytest.mark.slow)])  # at the reset, just after
+def test_a_run_that_resets_the_lora_resumes_bit_identical(tiny_pixel_model, tmp_path, crash_at):
+    reset = ["deterministic=true", "checkpoint.every_n_train_steps=1", "system.stage.texture.lora=reset"]
+    run(pd(tiny_pixel_model, tmp_path / "straight", *reset))
+    carried = _state(tmp_path / "straight" / "ckpts" / "last.ckpt")
+    out = tmp_path / "crashed"
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        run(pd(tiny_pixel_model, out, *reset), callbacks=[Crash(crash_at)])
+    run(compose_cfg([f"resume={out}"]), overrides=[f"resume={out}"])
+    a, b = carried, _state(out / "ckpts" / "last.ckpt")
+    different = [k for k in a if not torch.equal(a[k], b[k])]
+    assert a.keys() == b.keys() and not different, different
+    # ... and the reset changed the outcome: the carried-on LoRA ends elsewhere.
+    run(pd(tiny_pixel_model, tmp_path / "carry", "deterministic=true"))
+    c = _state(tmp_path / "carry" / "ckpts" / "last.ckpt")
+    assert any(not torch.equal(a[k], c[k]) for k in a if k.startswith("lora_params."))
+
+
+def test_lora_reset_is_refused_where_no_lora_could_be_reset(tiny_pixel_model, tmp_path):
+    from text23d.errors import ConfigError
+    from text23d.run import build_system
+
+    for stage in ("nerf", "geometry"):
+        with pytest.raises(ConfigError, match=rf"system.stage.{stage}.lora=reset: only a VSD stage after the first"):
+            build_system(pd(tiny_pixel_model, tmp_path, f"+system.stage.{stage}.lora=reset"))
+    with pytest.raises(ConfigError, match=r"system.stage.texture.lora='keep': allowed are \['carry', 'reset'\]"):
+        build_system(pd(tiny_pixel_model, tmp_path, "system.stage.texture.lora=keep"))
+    sds = compose_cfg(["prompt=a red cube", "system=magic3d", "debug=smoke", "+system.stage.fine.lora=reset",
+                       f"prior.pretrained_model_name_or_path={tiny_pixel_model}"])
+    with pytest.raises(ConfigError, match=r"system.stage.fine.lora=reset: system magic3d trains no LoRA"):
+        build_system(sds)
+
+
 def test_stage_one_alone_and_then_refined_from_it(tiny_pixel_model, tmp_path):
     first = tmp_path / "nerf_only"
     one = run(pd(tiny_pixel_model, first, "system.stages=[nerf]", "trainer.max_steps=2"))
@@ -131,6 +186,30 @@ def test_a_stage_two_run_is_textured_by_init_from(tiny_pixel_model, tmp_path):
     sdf = "stages.1.particles.0.geometry.sdf"
     assert torch.equal(_state(first / "ckpts" / "last.ckpt")[sdf],
                        _state(tmp_path / "textured" / "ckpts" / "last.ckpt")[sdf.replace("stages.1", "stages.2")])
+
+
+def test_init_from_carries_the_lora_on_unless_the_stage_resets_it(tiny_pixel_model, tmp_path):
+    from text23d.prior.loading import load_prior
+    from text23d.run import build_system
+    from text23d.systems import init_from
+
+    first = tmp_path / "geometry_done"
+    run(pd(tiny_pixel_model, first, "system.stages=[nerf,geometry]", "trainer.max_steps=3"))
+    source = {k: v for k, v in _state(first / "ckpts" / "last.ckpt").items() if k.startswith("lora_params.")}
+    for lora, same in (("carry", True), ("reset", False)):
+        cfg, loaded = init_from.prepare(pd(tiny_pixel_model, tmp_path / lora, f"init_from={first}",
+                                           f"system.stage.texture.lora={lora}"))
+        system = build_system(cfg)
+        init_from.apply(system, loaded)
+        system.prior = load_prior(**OmegaConf.to_container(cfg.prior, resolve=True), device="cpu")
+        system.setup_guidance()
+        # Loaded when the LoRA is built, with AdamW's moments ...
+        assert source and all(torch.equal(system.state_dict()[k], v) for k, v in source.items())
+        assert system.lora_optimizer.state
+        system.begin_stage(2)  # ... and, with lora=reset, replaced when the stage starts
+        # (lora_B starts at zero, so a trained one differs from the initial one)
+        assert all(torch.equal(system.state_dict()[k], v) == same for k, v in source.items() if "lora_B" in k)
+        assert bool(system.lora_optimizer.state) == same
 
 
 def test_a_frozen_name_that_matches_nothing_is_refused(tiny_pixel_model, tmp_path):

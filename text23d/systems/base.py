@@ -87,6 +87,10 @@ class BaseSystem(L.LightningModule):
                         {k.removeprefix("lambda_"): v for k, v in stage.cfg.loss.items()},
                         shading_needs_normals=(sh.ambient_only_steps < steps and sh.albedo_prob < 1)
                         or sh.get("normal_prob", 0) > 0, system_needs=self.stage_needs(stage.cfg))
+        resets = [st.cfg.name for st in self.stages if st.cfg.lora == "reset"]
+        if resets and "lora_training" not in self.provides:
+            raise ConfigError(f"system.stage.{resets[0]}.lora=reset: system {cfg.system.name} trains no LoRA. "
+                              f"Fix: drop it, or system=vsd (ProlificDreamer)")
         self.register_buffer("stage_started", torch.zeros(len(self.stages), dtype=torch.bool))
         self.camera_sampler = instantiate(cfg.camera)  # the evaluation orbit: videos, meshes, checks
         self.prompt_processor = build_prompt_processor(cfg)

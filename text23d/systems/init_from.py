@@ -5,7 +5,8 @@ this system's stages up to that stage when it has one of that name (a Magic3D ru
 its coarse stage), else up to the first one that starts from a previous stage: those are marked
 done (0 steps) and the last of them gets the earlier run's geometry and background config, then
 its weights. `text23d system=magic3d init_from=outputs/dreamfusion/<run>` runs only
-Magic3D's fine stage, starting from that DreamFusion run.
+Magic3D's fine stage, starting from that DreamFusion run. A ProlificDreamer source's LoRA (and its
+optimizer state) carries on into a system that trains one, as it would within a single run.
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from text23d.systems.stages import stage_configs
 
 
 def _source(path) -> tuple[DictConfig, dict, str, int]:
-    """(config, state dict, stage name, stage index) of the checkpoint's last started stage."""
+    """(config, checkpoint, stage name, stage index) of the checkpoint's last started stage."""
     ckpt = find_checkpoint(path)
     data = load_checkpoint_file(ckpt)
     if "stage_started" not in data["state_dict"]:
@@ -26,7 +27,7 @@ def _source(path) -> tuple[DictConfig, dict, str, int]:
     cfg = OmegaConf.create(data["text23d"]["config"])
     started = data["state_dict"]["stage_started"].nonzero()
     index = int(started.max()) if len(started) else 0
-    return cfg, data["state_dict"], stage_configs(cfg)[index].name, index
+    return cfg, data, stage_configs(cfg)[index].name, index
 
 
 def prepare(cfg: DictConfig) -> tuple[DictConfig, dict | None]:
@@ -34,7 +35,8 @@ def prepare(cfg: DictConfig) -> tuple[DictConfig, dict | None]:
     system is built ({"stage": index, "state": particle weights}), or (cfg, None) without init_from."""
     if not cfg.get("init_from"):
         return cfg, None
-    source_cfg, state, source_stage, source_index = _source(cfg.init_from)
+    source_cfg, data, source_stage, source_index = _source(cfg.init_from)
+    state = data["state_dict"]
     stages = stage_configs(cfg)
     names = [st.name for st in stages]
     if source_stage in names:  # a run of this system: go on after the stage it reached
@@ -63,7 +65,9 @@ def prepare(cfg: DictConfig) -> tuple[DictConfig, dict | None]:
                      OmegaConf.to_container(src.background, resolve=True), merge=False, force_add=True)
     prefix = f"stages.{source_index}.particles."
     weights = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
-    return cfg, {"stage": target - 1, "state": weights, "from": f"{cfg.init_from} (stage {source_stage})"}
+    lora = {k.removeprefix("lora_params."): v for k, v in state.items() if k.startswith("lora_params.")}
+    return cfg, {"stage": target - 1, "state": weights, "from": f"{cfg.init_from} (stage {source_stage})",
+                 "lora": lora, "lora_optimizer": data["text23d"].get("lora_optimizer") if lora else None}
 
 
 def apply(system, loaded: dict | None) -> None:
@@ -78,5 +82,7 @@ def apply(system, loaded: dict | None) -> None:
         raise ConfigError(f"init_from={loaded['from']}: its weights do not fit stage {stage.cfg.name} "
                           f"({len(missing)} missing, e.g. {missing[:2]}; {len(unexpected)} unexpected, e.g. "
                           f"{unexpected[:2]})")
+    if hasattr(system, "carry_lora"):  # loaded once the system has built its LoRA (setup)
+        system.carry_lora(loaded["lora"], loaded["lora_optimizer"], loaded["from"])
     system.stage_started[: loaded["stage"] + 1] = True
     system.stage_log.append({"name": stage.cfg.name, "steps": 0, "from": loaded["from"]})

@@ -5,16 +5,21 @@ look like (VSD, eq. 9; the LoRA is trained with the plain diffusion loss).
 Three stages by default (conf/system/prolificdreamer.yaml): `nerf` (VSD on a NeRF), `geometry` (a
 DMTet mesh from each particle's density, SDS on rendered normals) and `texture` (that mesh frozen,
 its colour field optimised with VSD). A stage whose guidance is SDS is guided as in DreamFusion; the
-VSD stages share one LoRA, which carries on from the first stage to the texture stage."""
+VSD stages share one LoRA, which carries on from the first stage to the texture stage (or, with
+`system.stage.texture.lora=reset`, starts the stage at the weights it was built with)."""
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from text23d.errors import ConfigError
 from text23d.systems.dreamfusion import DreamFusion
+
+log = logging.getLogger("text23d")
 
 
 class ProlificDreamer(DreamFusion):
@@ -28,6 +33,14 @@ class ProlificDreamer(DreamFusion):
         super().__init__(cfg)
         self.lora = self.lora_optimizer = None
         self._lora_optimizer_state = None
+        self._lora_initial = None
+        self._lora_from = None  # (weights, optimizer state, where) of an init_from source
+        vsd = [st.cfg.name for st in self.vsd_stages()]
+        for st in self.stages:
+            if st.cfg.lora == "reset" and (st.cfg.name not in vsd or st.cfg.name == vsd[0]):
+                raise ConfigError(
+                    f"system.stage.{st.cfg.name}.lora=reset: only a VSD stage after the first trains a LoRA "
+                    f"it could reset (VSD stages here: {vsd}). Fix: system.stage.{st.cfg.name}.lora=carry")
 
     def stage_needs(self, stage_cfg) -> frozenset:
         """A stage that names a guidance of its own (the geometry stage's SDS) is guided as in
@@ -48,9 +61,46 @@ class ProlificDreamer(DreamFusion):
         # Only the trainable LoRA + camera-embedding tensors are registered (same Parameter objects).
         self.lora_params = nn.ParameterDict(
             {name.replace(".", "__"): p for name, p in lora.named_parameters() if p.requires_grad})
+        # The weights it was built with (the same on a resumed run: built from the same seed, before
+        # the checkpoint is restored), for a stage that resets it.
+        self._lora_initial = lora.trainable_state_dict() if any(st.cfg.lora == "reset" for st in self.stages) else None
         self.lora_optimizer = guidance.lora_optimizer()
+        if self._lora_from is not None:
+            self._load_carried_lora(*self._lora_from)
         if self._lora_optimizer_state is not None:
             self.lora_optimizer.load_state_dict(self._lora_optimizer_state)
+
+    def carry_lora(self, weights: dict, optimizer_state: dict | None, source: str) -> None:
+        """init_from: the source run's LoRA goes on training here (loaded in setup_guidance)."""
+        if not weights:
+            log.info("init_from=%s has no LoRA (not a VSD run): the LoRA starts from its initial weights", source)
+            return
+        self._lora_from = (weights, optimizer_state, source)
+
+    def _load_carried_lora(self, weights: dict, optimizer_state: dict | None, source: str) -> None:
+        own = {k: p.shape for k, p in self.lora_params.items()}
+        theirs = {k: v.shape for k, v in weights.items()}
+        if own != theirs:
+            odd = sorted(k for k in own.keys() | theirs.keys() if own.get(k) != theirs.get(k))
+            raise ConfigError(
+                f"init_from={source}: its LoRA does not fit this one ({len(odd)} tensors differ, e.g. {odd[:2]}): "
+                "another lora_rank or LoRA base. Fix: the source's guidance.lora_rank and LoRA base model")
+        with torch.no_grad():
+            for k, p in self.lora_params.items():
+                p.copy_(weights[k])
+        if optimizer_state is not None:
+            self.lora_optimizer.load_state_dict(optimizer_state)
+        log.info("init_from=%s: its LoRA carries on", source)
+
+    def begin_stage(self, k: int) -> None:
+        """`lora: reset`: the stage starts with a new LoRA (the built weights, a fresh optimizer).
+        Once, as every stage start: a run resumed inside the stage has the LoRA it had trained."""
+        super().begin_stage(k)
+        stage = self.stages[k]
+        if stage.cfg.lora == "reset" and self._lora_initial is not None:
+            self.lora.load_trainable_state_dict(self._lora_initial)
+            self.lora_optimizer = stage.guidance.lora_optimizer()
+            log.info("stage %s: the LoRA starts again from its initial weights (lora=reset)", stage.cfg.name)
 
     def guide(self, stage, rgb, cond, uncond, cams, step: int) -> dict:
         if not hasattr(stage.guidance, "lora_loss"):  # an SDS stage (geometry): DreamFusion's call

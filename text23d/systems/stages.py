@@ -4,7 +4,8 @@
 from the system-level settings: steps, geometry, renderer, width, height, batch_size, optimizer
 (with per-parameter-group settings), loss weights, shading, guidance and camera overrides, and
 `init` (how it starts: `blob`, the geometry's own initial state, or `previous`, from the stage
-before). A stage without a geometry or renderer of its own uses the top-level `geometry` and
+before), `freeze` (parameters it keeps as they are) and `lora` (VSD: `carry` the shared LoRA on, or
+`reset` it to its initial weights when the stage starts). A stage without a geometry or renderer of its own uses the top-level `geometry` and
 `renderer` groups. Step-dependent schedules count stage-local steps.
 """
 from __future__ import annotations
@@ -21,9 +22,10 @@ from text23d.errors import ConfigError
 
 log = logging.getLogger("text23d")
 STAGE_KEYS = ("steps", "geometry", "renderer", "width", "height", "batch_size", "optimizer", "loss", "shading",
-              "guidance", "camera", "init", "background", "done", "freeze")
+              "guidance", "camera", "init", "background", "done", "freeze", "lora")
 SYSTEM_DEFAULTS = ("width", "height", "batch_size", "optimizer", "loss", "shading", "background")
 INITS = ("blob", "previous")
+LORA = ("carry", "reset")  # a VSD stage's LoRA: as the stage before left it, or as it was built
 
 
 def stage_configs(cfg: DictConfig) -> list[DictConfig]:
@@ -45,7 +47,7 @@ def stage_configs(cfg: DictConfig) -> list[DictConfig]:
         merged = {key: s[key] for key in SYSTEM_DEFAULTS}
         merged.update({"name": name, "steps": None, "geometry": cfg.geometry, "renderer": cfg.renderer,
                        "guidance": cfg.guidance, "camera": cfg.camera, "init": "previous" if k else "blob",
-                       "done": False, "freeze": []})  # done: made elsewhere (init_from), 0 steps here
+                       "done": False, "freeze": [], "lora": "carry"})  # done: made elsewhere (init_from), 0 steps here
         for key, value in own.items():
             if key == "guidance" and value is not None and value.get("_target_") not in (None, merged[key]._target_):
                 merged[key] = value  # another kind of guidance (SDS in a VSD system): its own settings only
@@ -58,6 +60,9 @@ def stage_configs(cfg: DictConfig) -> list[DictConfig]:
         if merged["init"] not in INITS or (k == 0 and merged["init"] == "previous"):
             raise ConfigError(f"system.stage.{name}.init={merged['init']!r}: allowed are {list(INITS)} "
                               "('previous' only after a first stage)")
+        if merged["lora"] not in LORA:
+            raise ConfigError(f"system.stage.{name}.lora={merged['lora']!r}: allowed are {list(LORA)} (the LoRA "
+                              f"as the stages before left it, or re-initialised). Fix: system.stage.{name}.lora=carry")
         out.append(OmegaConf.create(merged))
     return out
 
