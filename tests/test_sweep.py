@@ -18,7 +18,7 @@ from text23d.sweep import SweepSummary, summarize_sweep
 TILE_H, TILE_W = 40, 80
 
 
-def make_job(sweep, name, overrides, loss=None, grid_value=None, video=False):
+def make_job(sweep, name, overrides, loss=None, grid_value=None, video=False, prompt="a red cube"):
     """A job folder as a run leaves it; no summary.json (a crash) when loss is None."""
     job = sweep / name
     (job / ".hydra").mkdir(parents=True)
@@ -34,7 +34,7 @@ def make_job(sweep, name, overrides, loss=None, grid_value=None, video=False):
     if video:
         frames = np.full((2, TILE_H, TILE_W, 3), 0.2)
         artifacts["video"] = save_video(frames, save / "it2-test.mp4")
-    summary = {"prompt": "a red cube", "system": "dreamfusion", "steps": 2, "wall_time_s": 1.5,
+    summary = {"prompt": prompt, "system": "dreamfusion", "steps": 2, "wall_time_s": 1.5,
                "final_loss": loss, "metrics": {}, "artifacts": artifacts, "output_dir": str(job)}
     (job / "summary.json").write_text(json.dumps(summary))
     return job
@@ -57,7 +57,7 @@ def table_rows(md_text):
 def test_summary_files_list_jobs_swept_override_and_failures(tmp_path):
     sweep = make_sweep(tmp_path)
     out = summarize_sweep(sweep)
-    assert out["json"] == str(sweep / "sweep_summary.json")
+    assert out["json"] == str(sweep / "sweep_summary.json") and out["html"] == str(sweep / "index.html")
 
     jobs = json.loads((sweep / "sweep_summary.json").read_text())
     assert [j["folder"] for j in jobs] == ["0-a_red_cube", "1-a_red_cube", "10-a_red_cube"]
@@ -156,3 +156,4 @@ def test_real_hydra_multirun_with_a_failing_job(tmp_path):
     assert statuses == [("0", "ok"), ("1", "ok"), ("2", "failed")]
     assert jobs[1]["overrides"] == ["scale=2"] and jobs[1]["final_loss"] == 0.2
     assert (tmp_path / "multirun" / "s" / "sweep_grid.png").exists()
+    assert "FAILED" in (tmp_path / "multirun" / "s" / "index.html").read_text()

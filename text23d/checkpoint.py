@@ -1,6 +1,7 @@
 """Checkpoints: written atomically, read without executing code (weights_only=True)."""
 from __future__ import annotations
 
+import io
 import os
 from pathlib import Path
 
@@ -8,6 +9,7 @@ import lightning as L
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
+from text23d import faults
 from text23d.errors import CheckpointError
 
 
@@ -18,13 +20,36 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-        torch.save(checkpoint, tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        # Serialised in memory first: a failed write then raises a plain OSError with its errno
+        # (torch's own writer reports a full disk as "basic_ios::clear: iostream error"), and the
+        # message can say exactly how much space the checkpoint needs.
+        buffer = io.BytesIO()
+        torch.save(checkpoint, buffer)
+        try:
+            with open(tmp, "wb") as f:
+                f.write(buffer.getbuffer())
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except OSError as e:
+            tmp.unlink(missing_ok=True)
+            full = faults.disk_full(path, e, buffer.getbuffer().nbytes)
+            if full is None:
+                raise
+            raise full from None
 
     def load_checkpoint(self, path, map_location=None, weights_only=None) -> dict:
         return load_checkpoint_file(path, map_location)
+
+
+def remove_leftovers(run_dir: Path) -> list[str]:
+    """Temporary files of a process killed mid-write (kill -9, power cut); the files they were
+    to replace are intact. Removed when the run is resumed."""
+    patterns = ("ckpts/.*.ckpt.tmp*", "**/*.tmp-*")
+    gone = sorted({str(p) for pattern in patterns for p in Path(run_dir).glob(pattern) if p.is_file()})
+    for p in gone:
+        Path(p).unlink(missing_ok=True)
+    return gone
 
 
 class PeriodicCheckpoint(L.Callback):
@@ -56,10 +81,10 @@ def find_checkpoint(path_or_dir: str) -> Path:
                 return cand
         raise CheckpointError(
             f"'{p}' holds no checkpoint (looked for ckpts/last.ckpt): the run stopped before its first "
-            "checkpoint. Start it again, or save more often with checkpoint.every_n_train_steps=N.")
+            "checkpoint. Fix: start it again, saving more often with checkpoint.every_n_train_steps=N.")
     if p.is_file():
         return p
-    raise CheckpointError(f"'{p}' does not exist: pass a run folder (outputs/<system>/<prompt>@<time>) "
+    raise CheckpointError(f"'{p}' does not exist. Fix: pass a run folder (outputs/<system>/<prompt>@<time>) "
                           "or its ckpts/last.ckpt")
 
 
@@ -69,12 +94,18 @@ def run_dir_of(ckpt: Path) -> Path:
 
 
 def load_checkpoint_file(path, map_location=None) -> dict:
+    fix = "Fix: pass another run folder or checkpoint of text23d's, or start the run anew"
+    if Path(path).is_file() and Path(path).stat().st_size == 0:
+        raise CheckpointError(f"checkpoint '{path}' is empty (0 bytes): a copy or download of it was cut short. {fix}")
     try:
         data = torch.load(path, map_location=map_location or "cpu", weights_only=True)
     except Exception as e:  # truncated, not a checkpoint, or pickled objects we refuse to run
+        why = (str(e).splitlines() or [""])[0].split(". ")[0][:160]  # torch's first sentence
         raise CheckpointError(
-            f"cannot read checkpoint '{path}' ({type(e).__name__}: {str(e).splitlines()[0][:200]}). "
-            "It is corrupt or not a text23d checkpoint; resume from another run folder or start anew.") from None
+            f"cannot read checkpoint '{path}' ({type(e).__name__}: {why}): it is truncated, corrupt or not a "
+            f"checkpoint. {fix}") from None
     if not isinstance(data, dict) or "text23d" not in data or "state_dict" not in data:
-        raise CheckpointError(f"'{path}' is not a text23d checkpoint (no config or weights inside)")
+        keys = sorted(map(str, data))[:6] if isinstance(data, dict) else type(data).__name__
+        raise CheckpointError(f"'{path}' is not a text23d checkpoint (it holds {keys}, not text23d's config and "
+                              f"weights). {fix}")
     return data

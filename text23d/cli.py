@@ -8,26 +8,37 @@ Before Hydra parses the command line, `rewrite_argv` does three things:
   keeps its commas), and `prompt_file=prompts.txt` gives one job per line.
 - `resume=<run dir or ckpt>` and `export=<run dir or ckpt>` write into the run folder they name,
   instead of creating a new one (`export=X` is shorthand for `export.ckpt=X`).
-- user errors (text23d.errors.Text23dError) print one clear line and exit 2, no traceback.
+- user errors (text23d.errors.Text23dError) print one clear line and exit 2, no traceback; so do
+  Hydra's own errors (an unknown key or option, override syntax), told in one line with the fix.
+
+A new run is checked before anything expensive loads (config.validate, then its folder: a run never
+starts in a folder that holds another run, see `check_new_run_folder`).
 """
 from __future__ import annotations
 
 import logging
+import os
 import re
 import sys
 from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from text23d import config as _config  # noqa: F401  (registers the ${slug:} resolver)
 from text23d.config import escape_interpolations
 from text23d.errors import ConfigError, Text23dError
+from text23d.faults import Interrupted, RunStopped
 
 log = logging.getLogger("text23d")
 FREE_TEXT_KEYS = ("prompt", "negative_prompt")  # their values are literal text, never config syntax
 _ORIGINAL_ARGV: list[str] = []
+_TASK_STARTED = False  # Hydra has composed the config and called _hydra_main
+RUN_RECORD = (".hydra", "text23d.log")  # what Hydra writes into a run folder as a run starts
+PRINT_ONLY = ("--help", "-h", "--hydra-help", "--cfg", "-c", "--info", "-i", "--shell-completion", "-sc")
 
 
 def hydra_quote(text: str) -> str:
@@ -89,6 +100,8 @@ def read_prompt_file(path: str) -> list[str]:
         raise ConfigError(f"prompt_file={path!r} cannot be read as UTF-8 text ({e}). "
                           "Fix: save it as a UTF-8 text file, one prompt a line") from None
     prompts = [line.strip() for line in lines if line.strip()]
+    for n, line in enumerate(lines, 1):
+        _config.check_printable(line.strip(), f"prompt_file={path!r} line {n}")
     if not prompts:
         raise ConfigError(f"prompt_file={path!r} holds no prompt (only blank lines). "
                           "Fix: write one prompt a line")
@@ -101,8 +114,6 @@ def _is_multirun(argv: list[str]) -> bool:
 
 def rewrite_argv(argv: list[str]) -> tuple[list[str], int]:
     """The arguments Hydra gets, and how many prompts they name (more than 1 only in a multirun)."""
-    from text23d.checkpoint import find_checkpoint, run_dir_of
-
     multirun = _is_multirun(argv)
     out, extra, prompt_file, n_prompts = [], [], None, 1
     for arg in argv:
@@ -117,6 +128,8 @@ def rewrite_argv(argv: list[str]) -> tuple[list[str], int]:
         elif sep and key == "init_from" and value:
             out.append(f"init_from={literal(value)}")
         elif sep and key in ("resume", "export") and value:
+            from text23d.checkpoint import find_checkpoint, run_dir_of  # torch and Lightning: only here
+
             out.append(f"resume={literal(value)}" if key == "resume" else f"export.ckpt={literal(value)}")
             run_dir = run_dir_of(find_checkpoint(value))
             extra = [f"hydra.run.dir={literal(str(run_dir))}", "hydra.output_subdir=null"]
@@ -136,27 +149,44 @@ def rewrite_argv(argv: list[str]) -> tuple[list[str], int]:
 
 @hydra.main(version_base="1.3", config_path="pkg://text23d.conf", config_name="config")
 def _hydra_main(cfg: DictConfig):
-    from text23d.run import run
-
+    global _TASK_STARTED
+    _TASK_STARTED = True
     # Processes started again from sys.argv (Lightning's DDP launcher) must see what the user
     # typed, and rewrite it themselves, not the quoted form made for this process's Hydra.
     if _ORIGINAL_ARGV:
         sys.argv = list(_ORIGINAL_ARGV)
     hc = HydraConfig.get()
-    if not cfg.get("output_dir"):
+    given_dir = cfg.get("output_dir")
+    if not given_dir:
         cfg.output_dir = hc.runtime.output_dir
     try:
+        if not cfg.get("resume") and not cfg.export.get("ckpt"):  # a new run: fail fast, before torch loads
+            _config.validate(cfg)
+            chosen = given_dir or any(o.startswith("hydra.run.dir=") for o in hc.overrides.hydra)
+            key = ("output_dir" if given_dir else "hydra.run.dir") if chosen else None
+            check_new_run_folder(cfg.output_dir, key)
+        from text23d.run import run
+
         # Unresolved: reading the list item by item would resolve the escaped `\${` of a prompt.
         return run(cfg, overrides=OmegaConf.to_container(hc.overrides.task, resolve=False))
+    except RunStopped as e:  # state saved; a signal ends a whole sweep, a NaN/OOM stop only its job
+        log.error("%s", e)
+        if hc.mode.name == "MULTIRUN" and not isinstance(e, Interrupted):
+            raise
+        raise SystemExit(e.exit_code) from None
     except Text23dError as e:
         log.error("%s", e)
         if hc.mode.name == "MULTIRUN":
+            e.sweep_dir = str(Path(hc.runtime.cwd, hc.sweep.dir))  # for main's last line
             raise  # the sweep records the failed job; other jobs go on
         raise SystemExit(2) from None
 
 
 def main() -> None:
     _ORIGINAL_ARGV[:] = sys.argv
+    # A log file that cannot be written (a full disk) must not print a traceback per message:
+    # the error that matters is reported on its own (faults.DiskFull).
+    logging.raiseExceptions = False
     try:
         rewritten, n_prompts = rewrite_argv(sys.argv[1:])
     except Text23dError as e:
@@ -166,7 +196,159 @@ def main() -> None:
         print(f"text23d: sweeping {n_prompts} prompts (in -m, commas separate prompts; quote one to keep "
               "its commas, or use prompt_file=)", file=sys.stderr)
     sys.argv = [sys.argv[0], *rewritten]
-    _hydra_main()
+    try:
+        check_output_folders(sys.argv[1:])
+        check_not_reused(sys.argv[1:])
+    except Text23dError as e:
+        print(f"text23d: error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    # Hydra raises its errors to us instead of printing them; the user's own HYDRA_FULL_ERROR (kept
+    # for the processes this one starts: DDP ranks) still shows them in full.
+    user = "1" if os.environ.get("HYDRA_FULL_ERROR") else "0"
+    debugging = os.environ.setdefault("TEXT23D_USER_HYDRA_FULL_ERROR", user) == "1"
+    os.environ["HYDRA_FULL_ERROR"] = "1"
+    try:
+        _hydra_main()
+    except Text23dError as e:  # a failed job of a multirun (a single run exits in _hydra_main)
+        if debugging:
+            raise
+        print(f"text23d: error: {e}{_sweep_note(e)}", file=sys.stderr)
+        raise SystemExit(getattr(e, "exit_code", 2)) from None
+    except (HydraException, OmegaConfBaseException) as e:
+        if debugging or _TASK_STARTED:  # raised by text23d's own code: a bug, shown in full
+            raise
+        print(f"text23d: error: {describe_hydra_error(e, sys.argv[1:])}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def check_output_folders(argv: list[str]) -> None:
+    """Hydra makes the run folder before text23d runs: check that it can, and say so plainly."""
+    from text23d.fileio import check_writable
+
+    if any(a in ("--help", "-h", "--cfg", "-c", "--info", "-i") or a.startswith(("--cfg", "--info", "-sc", "--shell"))
+           for a in argv):
+        return
+    given = dict(a.split("=", 1) for a in argv if "=" in a and not a.startswith("-"))
+    folders = {} if "hydra.run.dir" in given else {"output_root": given.get("output_root", "outputs")}
+    folders.update({k: given[k] for k in ("output_dir", "hydra.run.dir", "hydra.sweep.dir") if k in given})
+    for key, value in folders.items():
+        value = value.strip("'\"")
+        if value and "${" not in value and value != "null":
+            check_writable(os.path.expanduser(value), key)
+
+
+# --- a new run never reuses another run's folder --------------------------------------------------
+
+def reuse_allowed(folder: Path) -> bool:
+    """Whether this process may start in `folder` although it already holds files. False: a new
+    run never silently continues or overwrites another (resume= is the way to continue one). The
+    hook for a launcher that restarts a job in its own folder: a requeued submitit job must
+    resume there. A DDP rank other than 0 may: Lightning starts ranks 1… by running the command
+    again with hydra.run.dir set to the folder rank 0 checked and has begun to fill."""
+    return ddp_rank() > 0
+
+
+def ddp_rank() -> int:
+    """This process's rank in a DDP job (0 outside one), read from the environment as Lightning
+    reads it (its launcher, torchrun, SLURM), without importing it."""
+    for var in ("RANK", "LOCAL_RANK", "SLURM_PROCID", "JSM_NAMESPACE_RANK"):
+        if os.environ.get(var, "").isdigit():
+            return int(os.environ[var])
+    return 0
+
+
+def check_new_run_folder(folder: str, key: str | None) -> None:
+    """A new run's folder must be new or empty (Hydra's record of this start aside); ConfigError
+    otherwise, naming the folder and the fixes. `key`: the option that chose it (None: text23d's
+    own timestamped folder)."""
+    p = Path(folder).expanduser()
+    name = f"{key}={folder}" if key else f"the run folder {folder}"
+    if p.exists() and not p.is_dir():
+        raise ConfigError(f"{name} is a file, not a folder. Fix: pass a new or empty folder")
+    found = sorted(e.name for e in p.iterdir() if e.name not in RUN_RECORD) if p.is_dir() else []
+    if not found or reuse_allowed(p):
+        return
+    listing = ", ".join(found[:4]) + (", …" if len(found) > 4 else "")
+    other = (f"another {key}, new or empty" if key else "start again (a new time stamp)") + \
+            (" (unset: a new timestamped folder)" if key == "output_dir" else "")
+    if any((p / c).is_file() for c in ("ckpts/last.ckpt", "last.ckpt")):
+        done = (p / "summary.json").is_file()
+        how = f"resume={folder} trainer.max_steps=<more> to train it further" if done else f"resume={folder} to continue it"
+        raise ConfigError(f"{name} already holds a {'finished ' if done else ''}run ({listing}): a new run there would "
+                          f"overwrite it, and a run is never continued silently. Fix: text23d {how}, or {other}")
+    if any((p / c).exists() for c in ("ckpts", "config.yaml", "summary.json")):
+        raise ConfigError(f"{name} holds a run that stopped before its first checkpoint ({listing}): there is nothing "
+                          f"to resume, and a new run would overwrite its files. Fix: delete it (rm -r {folder}) to start "
+                          f"over there, or {other}")
+    raise ConfigError(f"{name} is not empty ({listing}): a run writes config.yaml, ckpts/, save/ and logs/ into its "
+                      f"folder, mixing with or overwriting these files. Fix: {other}")
+
+
+def check_not_reused(argv: list[str]) -> None:
+    """Before Hydra writes its record (.hydra/) into a hydra.run.dir typed on the command line, and
+    before torch loads for an output_dir: the folder of a new run must not hold another run. The
+    job checks again the folder it got (`_hydra_main`)."""
+    if _is_multirun(argv) or any(a.split("=")[0] in PRINT_ONLY for a in argv):
+        return
+    given = dict(a.partition("=")[::2] for a in argv if "=" in a and not a.startswith("-"))
+    if given.get("resume", "null") not in ("", "null") or given.get("export.ckpt", "null") not in ("", "null"):
+        return  # resume= and export= write into the run they name, on purpose
+    for key in ("hydra.run.dir", "output_dir"):
+        value = given.get(key, "")
+        if value and "${" not in value and value != "null":
+            check_new_run_folder(_unquote(value), key)
+
+
+# --- Hydra's own errors, in one line ----------------------------------------------------------------
+
+def describe_hydra_error(e: BaseException, argv: list[str]) -> str:
+    """One line for an error Hydra raised while reading the command line or composing the config:
+    the bad override, what is allowed, the fix."""
+    import difflib
+
+    from hydra.errors import MissingConfigException, OverrideParseException
+
+    text = str(e)
+    missing = re.search(r"Could not find '([^']+)/([^'/]+)'", text)
+    if isinstance(e, MissingConfigException) and missing:
+        group, option = missing.groups()
+        options = re.findall(r"^\t(\S+)$", text.split("Config search path")[0], flags=re.M)
+        close = difflib.get_close_matches(option, options, n=1)
+        fix = f"did you mean {group}={close[0]}?" if close else f"one of them, e.g. {group}={(options or ['...'])[0]}"
+        return (f"{group}={option}: no such option. Available options in '{group}': {', '.join(options)}. "
+                f"Fix: {fix} (text23d --help lists every group)")
+    cause = e.__cause__
+    if getattr(cause, "full_key", None) and text.startswith("Could not override"):
+        key = cause.full_key
+        typed = re.search(r"use \+(\S+)", text)
+        typed = typed.group(1) if typed else f"{key}=..."
+        parent = getattr(cause, "parent_node", None)
+        known = [k for k in (parent.keys() if parent is not None else []) if k != "hydra"]
+        close = difflib.get_close_matches(str(cause.key), known, n=1)
+        where = f"{key.rsplit('.', 1)[0]} has" if "." in key else "the config has"
+        hint = f"did you mean {key.rsplit('.', 1)[0] + '.' if '.' in key else ''}{close[0]}? " if close else ""
+        return (f"{typed}: no such key ({where}: {', '.join(known)}). Fix: {hint}correct the key (text23d ... --cfg "
+                f"job prints the config), or +{typed} to add a new one")
+    if isinstance(e, OverrideParseException):
+        from hydra.core.override_parser.overrides_parser import OverridesParser
+
+        parser = OverridesParser.create()
+        for arg in (a for a in argv if "=" in a and not a.startswith("-")):
+            try:
+                parser.parse_overrides([arg])
+            except OverrideParseException:
+                return (f"cannot read the override {arg!r} ({text.splitlines()[0]}). Fix: key=value, with quotes "
+                        "around a value that holds spaces, commas, brackets or quotes: key='a, b'")
+    lines = [ln.strip() for ln in text.split("Config search path")[0].splitlines() if ln.strip()]
+    return (f"{' '.join(lines)}. Fix: check the overrides (text23d --help lists the groups and their options; "
+            "text23d ... --cfg job prints the config)")
+
+
+def _sweep_note(e: BaseException) -> str:
+    """Where a multirun's summary is, when a job of it failed (the sweep goes on past a failed job)."""
+    sweep = getattr(e, "sweep_dir", None)
+    return f" (a job of the sweep failed; the others ran. Every job's status: {Path(sweep, 'sweep_summary.md')})" \
+        if sweep else ""
 
 
 if __name__ == "__main__":

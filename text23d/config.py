@@ -2,16 +2,19 @@
 from __future__ import annotations
 
 import hashlib
+import math
 import re
 import unicodedata
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from text23d.errors import ConfigError
 
 SLUG_MAX = 48
 SEED_MAX = 2**32 - 1
 MESH_FORMATS = ("obj", "glb")  # the one list: export/mesh.py writes these
+RENDER_MAX = 4096  # pixels a side of a training render (the priors work at 32-1024)
+TEXT_WHITESPACE = "\t\n\r"  # the only control characters a prompt may hold
 
 
 def slugify(text: str, max_len: int = SLUG_MAX) -> str:
@@ -62,31 +65,118 @@ if not OmegaConf.has_resolver("builtin_prior"):
 
 def _positive_int(value, name: str, minimum: int = 1) -> None:
     if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-        raise ConfigError(f"{name}={value!r}: must be an integer ≥ {minimum}; e.g. {name}={max(minimum, 100)}")
+        raise ConfigError(f"{name}={value!r}: must be an integer ≥ {minimum}. Fix: e.g. {name}={max(minimum, 100)}")
+
+
+def _finite_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def check_printable(value: str, name: str, key: str = "prompt") -> None:
+    """Prompts are user text taken literally, but printable: a NUL or an escape sequence is a
+    paste accident that would reach the text encoder, the logs and the terminal unseen. Refused
+    (never stripped silently); tabs and newlines are whitespace and allowed."""
+    def control(ch: str) -> bool:
+        return unicodedata.category(ch) == "Cc" and ch not in TEXT_WHITESPACE
+
+    bad = [(i, c) for i, c in enumerate(value) if control(c)]
+    if bad:
+        i, c = bad[0]
+        names = {0: "NUL", 7: "BEL", 8: "backspace", 27: "ESC", 127: "DEL"}
+        what = f"U+{ord(c):04X}" + (f" ({names[ord(c)]})" if ord(c) in names else "")
+        clean = "".join(ch for ch in value if not control(ch))
+        shown = clean if len(clean) <= 60 else clean[:57] + "..."
+        raise ConfigError(f"{name} holds {len(bad)} control character(s), the first {what} at position {i}: a "
+                          f"{key} must be printable text (tabs and newlines are allowed). Fix: remove them, e.g. "
+                          f"{key}={shown!r}")
+
+
+def _check_text(cfg: DictConfig, key: str) -> None:
+    value = cfg.get(key)
+    if not isinstance(value, str):
+        raise ConfigError(f"{key}={value!r} is not text but {type(value).__name__}. Fix: quote it in YAML ({key}: "
+                          f'"..."); on the command line every {key}= is text')
+    check_printable(value, key, key)
+
+
+def _check_render_size(node, where: str, required: bool) -> None:
+    """Render width and height (and cameras per step): integers, and not so large that one view
+    cannot be held in memory."""
+    for key, minimum in (("width", 4), ("height", 4), ("batch_size", 1)):
+        if required or node.get(key) is not None:
+            _positive_int(node.get(key), f"{where}.{key}", minimum)
+    w, h = node.get("width"), node.get("height")
+    too_big = [(k, v) for k, v in (("width", w), ("height", h)) if v is not None and v > RENDER_MAX]
+    if too_big:
+        key, side = too_big[0]
+        memory = (f" (a {w}×{h} view is {w * h:,} pixels: its RGB alone takes {w * h * 12 / 2**30:,.1f} GiB in "
+                  "float32, rendering it many times that)") if w and h else ""  # null: the prior's resolution
+        raise ConfigError(f"{where}.{key}={side}: a training render is at most {RENDER_MAX} pixels a side{memory}. "
+                          f"Fix: e.g. {where}.width=64 {where}.height=64 (renders are resized to the prior's resolution)")
+
+
+def _check_optimizer(opt, where: str) -> None:
+    """Every learning rate: a finite number > 0 (0 trains nothing, a negative one climbs the loss)."""
+    if opt is None:
+        return
+    rates = [(f"{where}.lr", opt.get("lr"))]
+    rates += [(f"{where}.param_groups.{g}.lr", (v or {}).get("lr")) for g, v in (opt.get("param_groups") or {}).items()]
+    for name, lr in rates:
+        if lr is not None and not (_finite_number(lr) and lr > 0):
+            raise ConfigError(f"{name}={lr!r}: a learning rate must be a finite number > 0 (0 would train nothing, "
+                              f"a negative one would climb the loss). Fix: e.g. {name}=0.01")
+
+
+def _check_loss(loss, where: str) -> None:
+    """Loss weights: a finite number, or a ramp [start_step, start_value, end_value, end_step] with
+    0 ≤ start_step ≤ end_step (systems/losses.py)."""
+    for key, value in (loss or {}).items():
+        name = f"{where}.{key}"
+        if _finite_number(value):
+            continue
+        items = list(value) if isinstance(value, (ListConfig, list, tuple)) else None
+        if items is None or len(items) != 4 or not all(_finite_number(v) for v in items):
+            raise ConfigError(f"{name}={items if items is not None else value!r}: a loss weight is a finite number or a "
+                              f"ramp [start_step, start_value, end_value, end_step]. Fix: e.g. {name}=1.0 or "
+                              f"{name}=[0,10.0,1000.0,5000]")
+        start, v0, v1, end = items
+        if start < 0 or end < start:
+            fix = f"[{end},{v1},{v0},{start}]" if end >= 0 else "[0,10.0,1000.0,5000]"
+            raise ConfigError(f"{name}={items}: a ramp's steps must be in order, 0 ≤ start_step ≤ end_step (here "
+                              f"{start} then {end}). Fix: the earlier step first, e.g. {name}={fix}")
 
 
 def validate(cfg: DictConfig) -> None:
     """Check the values every run needs, before anything expensive happens."""
     prompt = cfg.get("prompt")
-    if prompt is None or not str(prompt).strip():
-        raise ConfigError('prompt is empty: pass one, e.g. text23d prompt="a hamburger"')
+    if prompt is None or (isinstance(prompt, str) and not prompt.strip()):
+        raise ConfigError(f"prompt is empty (prompt={prompt!r}): it says what to generate. "
+                          'Fix: pass one, e.g. text23d prompt="a hamburger"')
     for key in ("prompt", "negative_prompt"):
-        if not isinstance(cfg.get(key), str):
-            raise ConfigError(f"{key}={cfg.get(key)!r} is a {type(cfg.get(key)).__name__}, not text. Fix: quote "
-                              f'it in YAML ({key}: "..."); on the command line every {key}= is text')
+        _check_text(cfg, key)
     seed = cfg.get("seed")
     if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed <= SEED_MAX:
         raise ConfigError(f"seed={seed!r}: must be an integer in [0, {SEED_MAX}] (numpy's and torch's "
                           "common range). Fix: e.g. seed=0")
     if not isinstance(cfg.get("deterministic"), bool):
-        raise ConfigError(f"deterministic={cfg.get('deterministic')!r}: must be true or false")
+        raise ConfigError(f"deterministic={cfg.get('deterministic')!r}: must be true or false. Fix: deterministic=true")
     if cfg.trainer.max_steps is not None:  # null: the sum of the stages' own steps
         _positive_int(cfg.trainer.max_steps, "trainer.max_steps")
+    strategy = cfg.trainer.get("strategy")
+    if isinstance(strategy, str) and strategy.startswith(("ddp_spawn", "ddp_fork", "ddp_notebook")):
+        raise ConfigError(f"trainer.strategy={strategy}: not supported: it trains in child processes that hand back "
+                          "only the weights, not the step count, stage log and random state that the export, the "
+                          "summary and resume= need. Fix: trainer.strategy=ddp (each device runs the command itself)")
     _positive_int(cfg.checkpoint.every_n_train_steps, "checkpoint.every_n_train_steps", 0)
     _positive_int(cfg.validation.every_n_steps, "validation.every_n_steps", 0)
-    _positive_int(cfg.system.batch_size, "system.batch_size")
-    for key in ("width", "height"):
-        _positive_int(cfg.system[key], f"system.{key}", 4)
+    _check_render_size(cfg.system, "system", required=True)
+    _check_optimizer(cfg.system.get("optimizer"), "system.optimizer")
+    _check_loss(cfg.system.get("loss"), "system.loss")
+    for name, stage in (cfg.system.get("stage") or {}).items():
+        if isinstance(stage, DictConfig):  # a stage's own changes (unknown keys: systems/stages.py)
+            _check_render_size(stage, f"system.stage.{name}", required=False)
+            _check_optimizer(stage.get("optimizer"), f"system.stage.{name}.optimizer")
+            _check_loss(stage.get("loss"), f"system.stage.{name}.loss")
     bad = [f for f in export_formats(cfg) if f not in MESH_FORMATS]
     if bad:
         raise ConfigError(f"export.format={bad}: allowed are {list(MESH_FORMATS)}, "

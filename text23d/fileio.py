@@ -18,6 +18,14 @@ def atomic_output(path) -> Iterator[str]:
     try:
         yield tmp
         os.replace(tmp, path)
+    except Exception as e:  # noqa: BLE001 (writers wrap OSError: torch, imageio's ffmpeg)
+        from text23d.faults import disk_full
+
+        written = os.path.getsize(tmp) if os.path.exists(tmp) else 0
+        full = disk_full(path, e, written or None)
+        if full is None:
+            raise
+        raise full from None
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
@@ -28,3 +36,19 @@ def write_text_atomic(path, text: str) -> str:
     with atomic_output(path) as tmp, open(tmp, "w") as f:
         f.write(text)
     return str(path)
+
+
+def check_writable(folder, key: str) -> None:
+    """Fail now, before any model is loaded, when `folder` cannot be made or written to (a path
+    through a file, a read-only or pseudo file system, no permission, no space)."""
+    from text23d.errors import ConfigError
+
+    try:
+        os.makedirs(folder, exist_ok=True)
+        probe = os.path.join(folder, f".write-test-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+        with open(probe, "wb") as f:
+            f.write(b"text23d")
+        os.remove(probe)
+    except OSError as e:
+        raise ConfigError(f"{key}={folder} cannot be written ({e.strerror or e}). Fix: pass a folder you can "
+                          "write to, e.g. output_root=$HOME/text23d-outputs") from None

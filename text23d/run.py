@@ -12,15 +12,19 @@ import lightning as L
 import torch
 from hydra.errors import InstantiationException
 from hydra.utils import get_class
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from text23d import config as tconfig
+from text23d import faults
 from text23d.checkpoint import (AtomicCheckpointIO, PeriodicCheckpoint, find_checkpoint,
-                                load_checkpoint_file, run_dir_of)
-from text23d.errors import CheckpointError, ConfigError
+                                load_checkpoint_file, remove_leftovers, run_dir_of)
+from text23d.errors import CheckpointError, ConfigError, Text23dError
 from text23d.export.artifacts import export_artifacts
-from text23d.fileio import write_text_atomic
+from text23d.fileio import check_writable, write_text_atomic
+from text23d.gallery import write_run_page
 from text23d.systems import init_from
 
 log = logging.getLogger("text23d")
@@ -33,13 +37,20 @@ def run(cfg: DictConfig, overrides: list[str] | None = None, callbacks: list | N
     ckpt_path, start_step = None, 0
     if cfg.get("resume"):
         cfg, ckpt_path, start_step = resume_config(cfg, overrides or [])
+        finished = finished_summary(cfg, start_step)
+        if finished is not None:  # nothing to train: a no-op, nothing overwritten
+            return finished
     tconfig.validate(cfg)
     if not cfg.get("output_dir"):
         raise ConfigError("output_dir is not set: pass output_dir=/some/folder (the CLI sets it for you)")
     cfg, source = init_from.prepare(cfg) if not ckpt_path else (cfg, None)
     out_dir = Path(cfg.output_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(out_dir / "config.yaml", tconfig.resolved_yaml(cfg))
+    check_writable(out_dir, "output_dir")  # before any model is loaded
+    if ckpt_path:
+        for leftover in remove_leftovers(out_dir):
+            log.info("removed %s, left by a process killed while writing", leftover)
+    if rank_zero_only.rank == 0:  # under DDP, rank 0 alone writes files (the others only train)
+        write_text_atomic(out_dir / "config.yaml", tconfig.resolved_yaml(cfg))
 
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     if cfg.deterministic:
@@ -47,17 +58,25 @@ def run(cfg: DictConfig, overrides: list[str] | None = None, callbacks: list | N
         torch.use_deterministic_algorithms(True)
     system = build_system(cfg)
     init_from.apply(system, source)
-    trainer = build_trainer(cfg, out_dir, callbacks or [], start_step, sum(system.stage_steps))
+    watch = faults.SignalWatch().install()  # SIGTERM, SIGINT, SIGUSR1/2: stop at the next step boundary
+    guard = faults.callback(watch, save=lambda tr: tr.save_checkpoint(out_dir / "ckpts" / "last.ckpt", weights_only=False))
+    trainer = build_trainer(cfg, out_dir, [guard, *(callbacks or [])], start_step, sum(system.stage_steps))
     start = time.time()
-    with warnings.catch_warnings():
-        # Our loader yields step indices only (cameras are drawn in the step, RNG restored from the
-        # checkpoint), so resuming mid-"epoch" is exact; Lightning cannot know that and would warn.
-        warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before")
-        trainer.fit(system, ckpt_path=str(ckpt_path) if ckpt_path else None)
-    if trainer.interrupted:
-        log.warning("training interrupted at step %d; resume with: text23d resume=%s",
-                    trainer.global_step, out_dir)
+    try:
+        with warnings.catch_warnings():
+            # Our loader yields step indices only (cameras are drawn in the step, RNG restored from the
+            # checkpoint), so resuming mid-"epoch" is exact; Lightning cannot know that and would warn.
+            warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before")
+            trainer.fit(system, ckpt_path=str(ckpt_path) if ckpt_path else None)
+    except SIGTERMException:  # Lightning's own SIGTERM stop, when the signal came after our check
+        trainer.save_checkpoint(out_dir / "ckpts" / "last.ckpt", weights_only=False)
+        raise faults.Interrupted(watch.signum or 15, f"interrupted by SIGTERM at step {trainer.global_step}: "
+                                 f"checkpoint saved; nothing was exported. Resume with: text23d resume={out_dir}") from None
+    finally:
+        watch.uninstall()
     train_time = time.time() - start
+    if not trainer.is_global_zero:  # DDP: rank 0 exports and writes the summary
+        return {"rank": trainer.global_rank, "steps": trainer.global_step, "output_dir": str(out_dir)}
     exported = export_artifacts(system, out_dir, trainer.global_step)
     system.end_stage(system.stage_index, outputs=exported["artifacts"])
     if getattr(system, "lora", None) is not None:
@@ -65,6 +84,7 @@ def run(cfg: DictConfig, overrides: list[str] | None = None, callbacks: list | N
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
     summary = {
         "prompt": cfg.prompt, "system": cfg.system.name, "steps": trainer.global_step,
+        "world_size": trainer.world_size,  # DDP processes: each drew its own views every step
         "resumed_from": str(ckpt_path) if ckpt_path else None,
         "wall_time_s": round(time.time() - start, 2), "train_time_s": round(train_time, 2),
         "final_loss": metrics.get("train/loss"), "metrics": {**metrics, **exported["metrics"]},
@@ -76,6 +96,7 @@ def run(cfg: DictConfig, overrides: list[str] | None = None, callbacks: list | N
         "output_dir": str(out_dir),
     }
     write_text_atomic(out_dir / "summary.json", json.dumps(summary, indent=2))
+    write_run_page(out_dir)  # index.html: this run's video, views, metrics and files
     log.info("done: %s", out_dir)
     return summary
 
@@ -83,7 +104,12 @@ def run(cfg: DictConfig, overrides: list[str] | None = None, callbacks: list | N
 def build_system(cfg: DictConfig):
     try:
         return get_class(cfg.system._target_)(cfg)
-    except (InstantiationException, TypeError, OmegaConfBaseException) as e:
+    except (InstantiationException, TypeError, ImportError, OmegaConfBaseException) as e:
+        cause = e.__cause__
+        while cause is not None and not isinstance(cause, Text23dError):
+            cause = cause.__cause__
+        if cause is not None:  # a part refused its settings (instantiate wraps it): its own line says why
+            raise cause from None
         raise ConfigError(f"cannot build system '{cfg.system.name}': {str(e).splitlines()[0]}. "
                           "Check the keys you overrode (text23d --cfg job shows the config).") from None
 
@@ -99,11 +125,46 @@ def build_trainer(cfg: DictConfig, out_dir: Path, callbacks: list, start_step: i
     loggers = [TensorBoardLogger(out_dir / "logs", name="tensorboard", version=""),
                CSVLogger(out_dir / "logs", name="csv", version=f"resumed-{start_step}" if start_step else "")]
     options = {**OmegaConf.to_container(cfg.trainer, resolve=True), "max_steps": total_steps}  # all stages
-    return L.Trainer(**options, deterministic=cfg.deterministic,
-                     default_root_dir=out_dir, logger=loggers, callbacks=[ckpt, *bar, *callbacks],
-                     plugins=[AtomicCheckpointIO()], enable_checkpointing=False,
-                     limit_val_batches=0, num_sanity_val_steps=0, max_epochs=-1,
-                     use_distributed_sampler=False)  # every DDP rank runs every step
+    options["strategy"] = ddp_strategy(cfg)
+    trainer = L.Trainer(**options, deterministic=cfg.deterministic,
+                        default_root_dir=out_dir, logger=loggers, callbacks=[ckpt, *bar, *callbacks],
+                        plugins=[AtomicCheckpointIO()], enable_checkpointing=False,
+                        limit_val_batches=0, num_sanity_val_steps=0, max_epochs=-1,
+                        use_distributed_sampler=False)  # every DDP rank runs every step
+    _check_ddp_outside_sweeps(trainer, cfg.trainer)
+    return trainer
+
+
+def ddp_strategy(cfg: DictConfig) -> str:
+    """`trainer.strategy` as the system needs it. A step trains one stage, so in a system of several
+    stages the others' parameters get no gradient from the loss, nor does VSD's LoRA (it has its own
+    optimizer and syncs its own gradients): plain DDP stops on that, `find_unused_parameters` lets
+    it all-reduce the parameters used. (`auto` on several devices is Lightning's `ddp`.)"""
+    from text23d.systems.stages import stage_configs
+
+    strategy, devices = cfg.trainer.get("strategy", "auto"), cfg.trainer.get("devices", 1)
+    several = (isinstance(devices, int) and devices > 1) or (isinstance(devices, (list, tuple)) and len(devices) > 1)
+    if not (strategy == "ddp" or (strategy == "auto" and several)):
+        return strategy
+    partly_trained = len(stage_configs(cfg)) > 1 or "lora_training" in get_class(cfg.system._target_).provides
+    return "ddp_find_unused_parameters_true" if partly_trained else strategy
+
+
+def _check_ddp_outside_sweeps(trainer: L.Trainer, asked: DictConfig) -> None:
+    """Lightning starts the other ranks of `ddp` by running the command line again: inside a Hydra
+    sweep (-m) each would re-run the whole sweep into another folder (Lightning #11300)."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+    from lightning.pytorch.strategies.launchers import _SubprocessScriptLauncher
+
+    if (isinstance(trainer.strategy.launcher, _SubprocessScriptLauncher)
+            and not trainer.strategy.cluster_environment.creates_processes_externally
+            and HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN):
+        raise ConfigError(
+            f"trainer.strategy={asked.get('strategy')} on trainer.devices={asked.get('devices')} cannot run in a "
+            "sweep (-m): Lightning starts the other devices' processes by re-running the command, which would re-run "
+            "the whole sweep. Fix: run each job on its own without -m (e.g. a shell loop over text23d prompt=...), "
+            "or sweep with trainer.devices=1")
 
 
 def resume_config(cfg: DictConfig, overrides: list[str]) -> tuple[DictConfig, Path, int]:
@@ -125,7 +186,45 @@ def resume_config(cfg: DictConfig, overrides: list[str]) -> tuple[DictConfig, Pa
         except OmegaConfBaseException as e:
             raise ConfigError(f"cannot apply {key}={value} to the resumed run: {str(e).splitlines()[0]}") from None
     with_dir = OmegaConf.merge(saved, {"resume": str(ckpt), "output_dir": str(run_dir_of(ckpt))})
+    check_saved_config(ckpt, with_dir)
     return with_dir, ckpt, int(data.get("global_step", 0))
+
+
+def check_saved_config(ckpt: Path, cfg: DictConfig) -> None:
+    """tconfig.validate for a config read from a checkpoint. One this version cannot use (a key it
+    needs is missing, a class it names is gone: another version made it) is told in one line."""
+    import importlib
+
+    try:
+        tconfig.validate(cfg)
+        module, _, name = str(cfg.system._target_).rpartition(".")
+        if not hasattr(importlib.import_module(module), name):
+            raise ImportError(f"{module} has no {name}")
+    except (OmegaConfBaseException, ImportError, ValueError) as e:
+        why = f"system._target_={cfg.system._target_}: {e}" if isinstance(e, (ImportError, ValueError)) else str(e).splitlines()[0]
+        raise CheckpointError(
+            f"'{ckpt}' was made by a text23d whose config this version cannot use ({why}). Fix: "
+            f"resume or export it with the version that made it (its settings: {run_dir_of(ckpt) / 'config.yaml'}), "
+            "or start a new run") from None
+
+
+def finished_summary(cfg: DictConfig, step: int) -> dict | None:
+    """The summary of a resumed run that has nothing left to do (it reached its steps and wrote
+    summary.json for them): resuming it is a no-op that says so. None when there is work left."""
+    from text23d.systems.stages import allocate_steps, stage_configs
+
+    total = sum(allocate_steps(cfg, stage_configs(cfg)))
+    out_dir = Path(cfg.output_dir)
+    try:
+        summary = json.loads((out_dir / "summary.json").read_text())
+    except (OSError, ValueError):
+        return None  # stopped before its export: resuming finishes that
+    if step < total or not isinstance(summary, dict) or summary.get("steps") != step:
+        return None
+    log.info("%s already finished at step %d (trainer.max_steps=%d): nothing to do, nothing overwritten "
+             "(results: %s). To train further: text23d resume=%s trainer.max_steps=%d",
+             out_dir, step, total, out_dir / "summary.json", out_dir, max(2 * step, step + 1))
+    return summary
 
 
 def _parse_overrides(overrides: list[str]) -> list[tuple[str, object, bool]]:
@@ -162,7 +261,7 @@ def load_system(ckpt_or_dir, export_overrides: dict | None = None):
     if export_overrides:
         saved.export = OmegaConf.merge(saved.export, export_overrides)
     saved.output_dir = str(run_dir_of(ckpt))
-    tconfig.validate(saved)
+    check_saved_config(ckpt, saved)
     system = build_system(saved)
     skip = getattr(system, "export_skips_prefix", None)  # e.g. VSD's LoRA: needs the prior to exist
     state = {k: v for k, v in data["state_dict"].items() if not (skip and k.startswith(skip))}

@@ -1,4 +1,5 @@
-"""One summary for a Hydra multirun: a JSON list, a Markdown table and a side-by-side image.
+"""One summary for a Hydra multirun: a JSON list, a Markdown table, a side-by-side image and
+an offline gallery page (index.html, text23d/gallery.py).
 
 Enable it in the Hydra config:
     hydra:
@@ -212,13 +213,13 @@ def write_grid(jobs: list[dict], keys: list[str], path: str) -> str | None:
 
 
 def summarize_sweep(sweep_dir: str) -> dict:
-    """Write sweep_summary.json / .md / sweep_grid.png into sweep_dir.
+    """Write sweep_summary.json / .md / sweep_grid.png and index.html into sweep_dir.
 
-    Returns {"sweep_dir", "jobs": [...], "json", "md", "grid"} (paths absolute; grid may be None).
+    Returns {"sweep_dir", "jobs": [...], "json", "md", "grid", "html"} (paths absolute; grid may be None).
     Never raises for a missing or empty sweep: it logs a warning instead.
     """
     sweep_dir = os.path.abspath(str(sweep_dir))
-    result = {"sweep_dir": sweep_dir, "jobs": [], "json": None, "md": None, "grid": None}
+    result = {"sweep_dir": sweep_dir, "jobs": [], "json": None, "md": None, "grid": None, "html": None}
     if not os.path.isdir(sweep_dir):
         log.warning("Sweep folder %s does not exist; nothing to summarize.", sweep_dir)
         return result
@@ -235,6 +236,9 @@ def summarize_sweep(sweep_dir: str) -> dict:
         result[kind] = path
     if jobs:
         result["grid"] = write_grid(jobs, keys, os.path.join(sweep_dir, "sweep_grid.png"))
+    from text23d.gallery import write_sweep_page  # imported here: gallery imports this module
+
+    result["html"] = write_sweep_page(sweep_dir, jobs, keys)
     result["jobs"] = jobs
     log.info("Sweep summary (%d jobs): %s", len(jobs), result["md"])
     return result
@@ -270,4 +274,4 @@ if __name__ == "__main__":
         sys.exit("usage: python -m text23d.sweep <sweep_dir>")
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     out = summarize_sweep(sys.argv[1])
-    print("\n".join(f"{k}: {out[k]}" for k in ("json", "md", "grid") if out[k]))
+    print("\n".join(f"{k}: {out[k]}" for k in ("json", "md", "grid", "html") if out[k]))

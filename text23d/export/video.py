@@ -77,7 +77,31 @@ def save_video(
         ) as writer:
             for frame in frames:
                 writer.append_data(frame)
+        _check_complete(tmp, len(frames))  # before it replaces a good video
     return path
+
+
+def _check_complete(path: str, n: int) -> None:
+    """ffmpeg may fail to write (a full disk) and still exit 0: count the frames it wrote."""
+    import errno
+    import resource
+    import shutil
+
+    from imageio_ffmpeg import count_frames_and_secs
+
+    try:
+        written = count_frames_and_secs(path)[0]
+    except (RuntimeError, OSError):
+        written = 0
+    if written == n:
+        return
+    limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+    size = os.path.getsize(path) if os.path.exists(path) else 0
+    if limit != resource.RLIM_INFINITY and size >= limit:
+        raise OSError(errno.EFBIG, f"File too large: ffmpeg wrote {written} of {n} frames")
+    if shutil.disk_usage(os.path.dirname(path)).free < 64 * 2**20:
+        raise OSError(errno.ENOSPC, f"No space left on device: ffmpeg wrote {written} of {n} frames")
+    raise RuntimeError(f"ffmpeg wrote {written} of {n} frames to {path}; the previous video is kept")
 
 
 def save_image(img: np.ndarray | torch.Tensor, path: str) -> str:

@@ -108,7 +108,11 @@ class SDSGuidance:
             # w(t) = 1 − ᾱ_t (DreamFusion appendix A.4): small at low noise, where ε̂ − ε is mostly
             # the model's error on a clean-looking image rather than a useful direction.
             weight = (1 - alpha) if self.weighting == "sds" else torch.ones_like(alpha)
-            grad = torch.nan_to_num(weight * (eps_hat - noise))  # (B, C, h, w)
+            raw = weight * (eps_hat - noise)  # (B, C, h, w)
+            # A NaN/Inf here (fp16 overflow, a broken prior) makes the system skip the step; the
+            # gradient is still made finite, so the logged loss stays readable.
+            nonfinite = ~torch.isfinite(raw).all()
+            grad = torch.nan_to_num(raw)
             if self.grad_clip is not None:
                 grad = grad.clamp(-self.grad_clip, self.grad_clip)
 
@@ -117,4 +121,4 @@ class SDSGuidance:
         # receives grad / B; exactly grad when B = 1).
         target = (x - grad).detach()
         loss = 0.5 * F.mse_loss(x, target, reduction="sum") / batch
-        return {"loss_sds": loss, "grad_norm": grad.norm().detach(), "t": t}
+        return {"loss_sds": loss, "grad_norm": grad.norm().detach(), "nonfinite": nonfinite, "t": t}

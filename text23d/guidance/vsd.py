@@ -207,14 +207,18 @@ class VSDGuidance:
             eps_lora = self._lora_score(lora, x_t, t, text_cond, c2w)
             # w(t) = 1 − ᾱ_t as in SDS (DreamFusion appendix A.4); "uniform" = 1.
             weight = (1 - alpha) if self.weighting == "sds" else torch.ones_like(alpha)
-            grad = torch.nan_to_num(weight * (eps_pretrained - eps_lora))  # (B, C, h, w)
+            raw = weight * (eps_pretrained - eps_lora)  # (B, C, h, w)
+            # A NaN/Inf here (fp16 overflow, a broken prior) makes the system skip the step; the
+            # gradient is still made finite, so the logged loss stays readable.
+            nonfinite = ~torch.isfinite(raw).all()
+            grad = torch.nan_to_num(raw)
             if self.grad_clip is not None:
                 grad = grad.clamp(-self.grad_clip, self.grad_clip)
 
         # Surrogate (same as SDS): d/dx 0.5·||x − sg(x − grad)||² / B = grad / B for each view.
         target = (x - grad).detach()
         loss = 0.5 * F.mse_loss(x, target, reduction="sum") / batch
-        return {"loss_vsd": loss, "grad_norm": grad.norm().detach(), "t": t, "x0": x.detach()}
+        return {"loss_vsd": loss, "grad_norm": grad.norm().detach(), "nonfinite": nonfinite, "t": t, "x0": x.detach()}
 
     def _lora_score(self, lora, x_t, t, text_cond, c2w) -> torch.Tensor:
         """ε̂_φ with classifier-free guidance over the *camera*: the LoRA is trained with the camera

@@ -77,9 +77,11 @@ class Prior:
         batch = tokenizer(
             prompts, padding="max_length", max_length=max_length, truncation=True, return_tensors="pt"
         )
-        for prompt in prompts:
-            if len(tokenizer(prompt).input_ids) > max_length:
-                warnings.warn(f"prompt {prompt!r} is longer than {max_length} tokens and was truncated")
+        long = [p for p in prompts if len(tokenizer(p).input_ids) > max_length]
+        if long:  # one warning for the batch (a prompt's views differ in their suffix only), kept short
+            shown = long[0] if len(long[0]) <= 80 else f"{long[0][:77]}..."
+            warnings.warn(f"{len(long)} prompt(s) longer than the text encoder's {max_length} tokens were truncated "
+                          f"to their first {max_length} tokens, e.g. {shown!r} ({len(long[0])} characters)")
         kwargs = {}
         # T5 (DeepFloyd IF) is trained with a padding mask; CLIP (SD) is not, unless its config says so.
         if getattr(encoder.config, "model_type", "") in ("t5", "mt5", "umt5") or getattr(

@@ -18,6 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from text23d import faults
 from text23d.errors import ConfigError, Text23dError
 from text23d.export.video import make_grid, save_image, to_uint8
 from text23d.systems import losses, parts
@@ -99,6 +100,8 @@ class BaseSystem(L.LightningModule):
         self._rng_to_restore = None
         self.stage_log: list[dict] = []  # per finished stage: name, steps, wall time, loss, outputs
         self._stage_clock, self._stage_elapsed = None, 0.0  # the current stage's time, across resumes
+        self._nonfinite_in_a_row = self._nonfinite_total = 0  # skipped steps (see skip_step)
+        self._fired: dict[int, int] = {}  # faults.* injected, per step
 
     # ---- which stage --------------------------------------------------------------------------
     @property
@@ -158,6 +161,9 @@ class BaseSystem(L.LightningModule):
         return self.needs
 
     def on_fit_start(self) -> None:
+        from text23d import memory
+
+        memory.check(self, self.device)  # before any stage starts
         plan = " → ".join(f"{st.cfg.name} {n} steps {type(st.particles[0].geometry).__name__}/"
                           f"{type(st.renderer).__name__} {st.cfg.width or self.prior.resolution}x"
                           f"{st.cfg.height or self.prior.resolution}"
@@ -195,8 +201,24 @@ class BaseSystem(L.LightningModule):
 
     def training_step(self, batch, batch_idx):
         k = self.stage_at(self.global_step)
+        try:
+            return self._training_step(k)
+        except torch.OutOfMemoryError as e:  # saved by faults.Guard (on_exception), reported by run()
+            raise faults.OutOfMemory(faults.oom_advice(e, self.stages[k].cfg, self.device)) from e
+
+    def _injected(self) -> float:
+        """faults.*: each listed step fires once per listing (nan_at_steps=[5,5]: two attempts)."""
+        step, fired = self.global_step, self._fired
+        listed = list((self.cfg.get("faults") or {}).get("nan_at_steps") or [])
+        fired[step] = fired.get(step, 0) + 1
+        if fired[step] > 1 and listed.count(step) < fired[step]:  # a retried step: only the NaNs left
+            return 1.0
+        return faults.inject(self.cfg.get("faults"), step, self.global_rank)
+
+    def _training_step(self, k: int):
         if not self.stage_started[k]:
             self.begin_stage(k)
+        scale = self._injected()
         stage, step = self.stages[k], self.global_step - (self.stage_ends[k] - self.stage_steps[k])
         lam = {name.removeprefix("lambda_"): losses.scheduled(v, step) for name, v in stage.cfg.loss.items()}
         total, logs, views = 0.0, {}, []
@@ -210,12 +232,24 @@ class BaseSystem(L.LightningModule):
             logs.update({f"{prefix}loss_{name}": v.detach() for name, v in terms.items()})
             logs[f"{prefix}grad_norm"] = view["guide"]["grad_norm"]
             views.append(view)
-        logs.update(self.after_particles(views))
+        total = total * scale
+        # The guidance's own gradient (made finite before it reaches the loss) or the loss itself.
+        bad = bool(torch.stack([torch.as_tensor(v["guide"].get("nonfinite", False)) for v in views]).any()) \
+            or not bool(torch.isfinite(total))
+        if not self._any_rank(bad):  # the same on every DDP rank: VSD's LoRA step all-reduces its gradients
+            logs.update(self.after_particles(views))  # VSD's LoRA: not trained on a skipped step
         optimizers = self.optimizers()
         optimizer = optimizers[k] if isinstance(optimizers, list) else optimizers
         optimizer.zero_grad()
         self.manual_backward(total)
-        optimizer.step()
+        bad = self._any_rank(bad or not all(bool(torch.isfinite(p.grad).all()) for g in optimizer.param_groups
+                                            for p in g["params"] if p.grad is not None))
+        if bad:
+            self.skip_step(optimizer, step)
+        else:
+            optimizer.step()
+            self._nonfinite_in_a_row = 0
+        logs["train/nonfinite_skipped"] = float(self._nonfinite_total)
         batch_size = stage.cfg.batch_size
         self.log_dict(logs, batch_size=batch_size)
         self.log("train/loss", total.detach(), prog_bar=True, batch_size=batch_size)
@@ -224,6 +258,31 @@ class BaseSystem(L.LightningModule):
             # Here, not in a hook: the checkpoint written at this step must already know it ended.
             self.end_stage(k, final_loss=float(total.detach()))
         return total.detach()
+
+    def _any_rank(self, flag: bool) -> bool:
+        """True when `flag` is true on any DDP rank (every rank must skip the same steps)."""
+        if self.trainer.world_size > 1:
+            t = torch.tensor([float(flag)], device=self.device)
+            torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+            return bool(t.item())
+        return flag
+
+    def skip_step(self, optimizer, step: int) -> None:
+        """A non-finite loss or gradient: not applied (the same step is tried again with new
+        cameras and noise); too many in a row stop the run, whose state is still the last finite one."""
+        optimizer.zero_grad()
+        self._nonfinite_in_a_row += 1
+        self._nonfinite_total += 1
+        limit = (self.cfg.get("guard") or {}).get("max_nonfinite_steps", 20)
+        log.warning("step %d of stage %s: non-finite loss or gradient, step skipped (%d in a row, %d in all)",
+                    step, self.stage.cfg.name, self._nonfinite_in_a_row, self._nonfinite_total)
+        if self._nonfinite_in_a_row >= limit:
+            raise faults.NonFiniteError(
+                f"{self._nonfinite_in_a_row} steps in a row had a NaN/Inf loss or gradient (guard.max_nonfinite_steps="
+                f"{limit}); the run stopped at step {self.global_step} with the last finite state saved. Likely "
+                "causes: half precision (use prior.dtype=float32), a learning rate too high (lower "
+                "system.optimizer.lr), or a very high CFG (lower guidance.guidance_scale). Then resume with "
+                f"text23d resume={self.out_dir} <the change>")
 
     def particle_loss(self, stage: Stage, particle, step: int, lam: dict) -> tuple[torch.Tensor, dict, dict]:
         """One particle: render a batch of random views, score them with the guidance, add the
@@ -267,13 +326,14 @@ class BaseSystem(L.LightningModule):
             rng["cuda"] = torch.cuda.get_rng_state_all()
         checkpoint["text23d"] = {"config": OmegaConf.to_yaml(self.cfg), "rng": rng, "stages": self.stage_log,
                                  "stage": self.stages[self.stage_index].cfg.name,
-                                 "stage_elapsed_s": self._elapsed()}
+                                 "stage_elapsed_s": self._elapsed(), "nonfinite_skipped": self._nonfinite_total}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         saved = checkpoint.get("text23d", {})
         self._rng_to_restore = saved.get("rng")
         self.stage_log = list(saved.get("stages", []))
         self._stage_elapsed = float(saved.get("stage_elapsed_s", 0.0))
+        self._nonfinite_total = int(saved.get("nonfinite_skipped", 0))
 
     def _elapsed(self) -> float:
         return self._stage_elapsed + (time.time() - self._stage_clock if self._stage_clock else 0.0)

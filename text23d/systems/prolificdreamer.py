@@ -122,15 +122,35 @@ class ProlificDreamer(DreamFusion):
                 loss = guidance.lora_loss(x0, cond, c2w)
             self.lora_optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            self._average_lora_grads()  # before the check below: every rank then decides alike
+            if not all(bool(torch.isfinite(p.grad).all()) for p in self.lora.trainable_parameters()
+                       if p.grad is not None) or not bool(torch.isfinite(loss)):
+                log.warning("LoRA step skipped: non-finite loss or gradient")
+                self.lora_optimizer.zero_grad(set_to_none=True)
+                continue
             self.lora_optimizer.step()
         return {"train/loss_lora": loss.detach()}
+
+    def _average_lora_grads(self) -> None:
+        """DDP syncs only what Lightning's optimizers train; the LoRA has its own optimizer, so its
+        gradients are averaged here (one all-reduce; gloo has no AVG: sum, then divide). Every rank's
+        LoRA then stays the same and learns from every rank's renders, as the particles do."""
+        if self._trainer is None or self.trainer.world_size < 2:
+            return
+        params = list(self.lora.trainable_parameters())
+        flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params])
+        torch.distributed.all_reduce(flat)
+        flat /= self.trainer.world_size
+        for p, g in zip(params, flat.split([p.numel() for p in params])):
+            p.grad = g.view_as(p)
 
     # ---- the LoRA and its optimizer travel with the checkpoint; a .safetensors copy beside it --
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         super().on_save_checkpoint(checkpoint)
         if self.lora_optimizer is not None:
             checkpoint["text23d"]["lora_optimizer"] = self.lora_optimizer.state_dict()
-            self.save_lora(self.out_dir / "ckpts" / "lora.safetensors")
+            if self.global_rank == 0:  # called on every DDP rank; one writer
+                self.save_lora(self.out_dir / "ckpts" / "lora.safetensors")
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         super().on_load_checkpoint(checkpoint)
