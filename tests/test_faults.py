@@ -218,3 +218,24 @@ def test_the_guidance_flags_a_non_finite_gradient(pixel_prior):
     assert not SDSGuidance()(pixel_prior, rgb, cond, uncond)["nonfinite"]
     rgb[0, 3, 3, 0] = float("nan")
     assert SDSGuidance()(pixel_prior, rgb, cond, uncond)["nonfinite"]  # the system then skips the step
+
+
+@pytest.mark.slow
+def test_a_timed_out_submitit_job_is_requeued_and_resumes_in_its_own_folder_at_the_same_step(tiny_pixel_model, tmp_path):
+    # submitit_local: 60 s a try, SIGUSR2 30 s before the end; 600 steps need two or three tries.
+    rc, log = text23d("-m", "prompt=a red cube", "debug=smoke", f"prior.pretrained_model_name_or_path={tiny_pixel_model}",
+                      "trainer.max_steps=600", "checkpoint.every_n_train_steps=0", "validation.every_n_steps=0",
+                      "trainer.enable_progress_bar=false", "geometry=grid", "geometry.resolution=16",
+                      "export.video_views=4", "export.texture=false", "hydra/launcher=submitit_local",
+                      "hydra.launcher.timeout_min=1", f"output_root={tmp_path}", timeout=600)
+    assert rc == 0, log
+    [job] = [p for p in (tmp_path / "multirun").glob("*/0-*")]
+    logs = "".join(p.read_text() for p in job.parent.glob(".submitit/*/*_log.*"))
+    saved = [int(s) for s in re.findall(r"SIGUSR2 at step (\d+): checkpoint saved", logs)]
+    assert saved and "was requeued: resuming" in logs, logs
+    import json
+
+    summary = json.loads((job / "summary.json").read_text())
+    assert summary["steps"] == 600 and summary["resumed_from"] == str(job / "ckpts" / "last.ckpt")
+    # Each try went on from the step the one before saved (its CSV log starts there).
+    assert sorted(int(p.name.split("-")[1]) for p in (job / "logs" / "csv").glob("resumed-*")) == saved

@@ -159,8 +159,16 @@ def _hydra_main(cfg: DictConfig):
     given_dir = cfg.get("output_dir")
     if not given_dir:
         cfg.output_dir = hc.runtime.output_dir
+    overrides = OmegaConf.to_container(hc.overrides.task, resolve=False)
+    from text23d.faults import requeued, submitit_job
+
+    if not cfg.get("resume") and requeued(cfg.output_dir) and Path(cfg.output_dir, "ckpts", "last.ckpt").is_file():
+        # Pre-empted or timed out, and started again by submitit with the same overrides: go on.
+        log.warning("submitit job %s was requeued: resuming %s from its last checkpoint", submitit_job(), cfg.output_dir)
+        cfg.resume, overrides = str(cfg.output_dir), []
     try:
         if not cfg.get("resume") and not cfg.export.get("ckpt"):  # a new run: fail fast, before torch loads
+            check_resolves(cfg)
             _config.validate(cfg)
             chosen = given_dir or any(o.startswith("hydra.run.dir=") for o in hc.overrides.hydra)
             key = ("output_dir" if given_dir else "hydra.run.dir") if chosen else None
@@ -168,7 +176,7 @@ def _hydra_main(cfg: DictConfig):
         from text23d.run import run
 
         # Unresolved: reading the list item by item would resolve the escaped `\${` of a prompt.
-        return run(cfg, overrides=OmegaConf.to_container(hc.overrides.task, resolve=False))
+        return run(cfg, overrides=overrides)
     except RunStopped as e:  # state saved; a signal ends a whole sweep, a NaN/OOM stop only its job
         log.error("%s", e)
         if hc.mode.name == "MULTIRUN" and not isinstance(e, Interrupted):
@@ -245,7 +253,9 @@ def reuse_allowed(folder: Path) -> bool:
     hook for a launcher that restarts a job in its own folder: a requeued submitit job must
     resume there. A DDP rank other than 0 may: Lightning starts ranks 1… by running the command
     again with hydra.run.dir set to the folder rank 0 checked and has begun to fill."""
-    return ddp_rank() > 0
+    from text23d.faults import requeued
+
+    return ddp_rank() > 0 or requeued(folder)
 
 
 def ddp_rank() -> int:
@@ -301,6 +311,26 @@ def check_not_reused(argv: list[str]) -> None:
 
 # --- Hydra's own errors, in one line ----------------------------------------------------------------
 
+def check_resolves(cfg: DictConfig) -> None:
+    """Every interpolation of the config resolves (${oc.env:X} of an unset X does not): said in one
+    line now, not as a traceback wherever the value is first read. Resolves a copy: a prompt's
+    escaped `\\${` stays escaped in `cfg`."""
+    from omegaconf.errors import InterpolationResolutionError, InterpolationToMissingValueError
+
+    try:
+        OmegaConf.to_container(cfg, resolve=True)
+    except (InterpolationResolutionError, InterpolationToMissingValueError) as e:
+        key = getattr(e, "full_key", None) or "?"
+        typed = OmegaConf.to_container(cfg, resolve=False)
+        for part in (p for p in re.split(r"[.\[\]]", key) if p):
+            try:
+                typed = typed[int(part) if isinstance(typed, list) else part]
+            except (KeyError, IndexError, ValueError, TypeError):
+                typed = "?"
+                break
+        raise ConfigError(f"{key}={typed}: cannot be resolved ({str(e).splitlines()[0]}). Fix: give the value "
+                          f"itself, or set what it refers to") from None
+
 def describe_hydra_error(e: BaseException, argv: list[str]) -> str:
     """One line for an error Hydra raised while reading the command line or composing the config:
     the bad override, what is allowed, the fix."""
@@ -325,10 +355,11 @@ def describe_hydra_error(e: BaseException, argv: list[str]) -> str:
         parent = getattr(cause, "parent_node", None)
         known = [k for k in (parent.keys() if parent is not None else []) if k != "hydra"]
         close = difflib.get_close_matches(str(cause.key), known, n=1)
-        where = f"{key.rsplit('.', 1)[0]} has" if "." in key else "the config has"
-        hint = f"did you mean {key.rsplit('.', 1)[0] + '.' if '.' in key else ''}{close[0]}? " if close else ""
-        return (f"{typed}: no such key ({where}: {', '.join(known)}). Fix: {hint}correct the key (text23d ... --cfg "
-                f"job prints the config), or +{typed} to add a new one")
+        parent_key = key.rsplit(".", 1)[0] if "." in key else ""
+        where = f"{parent_key} has" if parent_key else "the config has"
+        meant = f"{parent_key + '.' if parent_key else ''}{close[0]}={typed.partition('=')[2]}" if close else ""
+        fix = f"did you mean {meant}? Or" if close else "correct the key (text23d ... --cfg job prints the config), or"
+        return f"{typed}: no such key ({where}: {', '.join(known)}). Fix: {fix} +{typed} to add a new one"
     if isinstance(e, OverrideParseException):
         from hydra.core.override_parser.overrides_parser import OverridesParser
 

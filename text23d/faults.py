@@ -69,6 +69,38 @@ def disk_full(path, error: BaseException, needed: int | None) -> DiskFull | None
                     "output_root=<a roomier disk>), then resume with text23d resume=<the run folder>")
 
 
+JOB_FILE = ".submitit-job"  # in a run folder: the submitit job that runs there
+
+
+def submitit_job() -> str | None:
+    """The id of the submitit job this process runs in (a requeued job keeps it); None outside one."""
+    if not os.environ.get("SUBMITIT_EXECUTOR"):
+        return None
+    try:
+        import submitit
+
+        return str(submitit.JobEnvironment().job_id)
+    except Exception:  # noqa: BLE001 (not a submitit job after all)
+        return None
+
+
+def requeued(folder) -> bool:
+    """Whether this process is a submitit job started again (pre-empted, timed out) in its own folder."""
+    job, f = submitit_job(), os.path.join(str(folder), JOB_FILE)
+    if job is None or not os.path.isfile(f):
+        return False
+    with open(f) as fh:
+        return fh.read().strip() == job
+
+
+def mark_job(folder) -> None:
+    job = submitit_job()
+    if job is not None:
+        from text23d.fileio import write_text_atomic
+
+        write_text_atomic(os.path.join(str(folder), JOB_FILE), job)
+
+
 def _size(n: int) -> str:
     return f"{n / 2**20:.1f} MiB" if n >= 2**20 else f"{n / 2**10:.1f} KiB" if n >= 2**10 else f"{n} bytes"
 
@@ -160,6 +192,9 @@ def callback(watch: SignalWatch, save):
             out = pl_module.out_dir
             message = (f"interrupted by {name} at step {trainer.global_step}: checkpoint saved in "
                        f"{out / 'ckpts' / 'last.ckpt'}; nothing was exported. Resume with: text23d resume={out}")
+            if callable(watch.previous.get(signum)) and watch.previous[signum] is not signal.default_int_handler:
+                log.warning("%s at step %d: checkpoint saved; handing the signal to the launcher (submitit "
+                            "requeues the job, which then resumes from this step)", name, trainer.global_step)
             watch.pass_on()  # submitit's handler requeues the job from here (and exits)
             raise Interrupted(signum, message)
 

@@ -46,11 +46,12 @@ def run(cfg: DictConfig, overrides: list[str] | None = None, callbacks: list | N
     cfg, source = init_from.prepare(cfg) if not ckpt_path else (cfg, None)
     out_dir = Path(cfg.output_dir)
     check_writable(out_dir, "output_dir")  # before any model is loaded
-    if ckpt_path:
-        for leftover in remove_leftovers(out_dir):
-            log.info("removed %s, left by a process killed while writing", leftover)
     if rank_zero_only.rank == 0:  # under DDP, rank 0 alone writes files (the others only train)
+        if ckpt_path:
+            for leftover in remove_leftovers(out_dir):
+                log.info("removed %s, left by a process killed while writing", leftover)
         write_text_atomic(out_dir / "config.yaml", tconfig.resolved_yaml(cfg))
+        faults.mark_job(out_dir)  # a submitit job requeued later finds its own folder (cli.reuse_allowed)
 
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     if cfg.deterministic:
