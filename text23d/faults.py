@@ -14,8 +14,6 @@ import os
 import signal
 import threading
 
-import torch
-
 from text23d.errors import Text23dError
 
 log = logging.getLogger("text23d")
@@ -108,6 +106,8 @@ def _size(n: int) -> str:
 def inject(faults, step: int, rank: int) -> float:
     """`faults.*`: raise the injected error at this step (on `faults.rank` only, if set); returns
     the factor for the loss (NaN at `faults.nan_at_steps`, else 1)."""
+    import torch
+
     if faults is None or (faults.get("rank") is not None and faults.rank != rank):
         return 1.0
     if faults.get("raise_at_step") == step:
@@ -159,6 +159,8 @@ def oom_advice(error: BaseException, stage_cfg, device) -> str:
     """The memory asked for and available, and what to lower first for this stage."""
     import re
 
+    import torch
+
     asked = re.search(r"Tried to allocate ([\d.]+ \w+)", str(error))
     free = ""
     if device is not None and device.type == "cuda":
@@ -176,6 +178,7 @@ def callback(watch: SignalWatch, save):
     complete state when a run stops on its own (non-finite steps, out of memory). `save(trainer)`
     writes ckpts/last.ckpt (call it on every rank: Lightning writes on rank 0 only)."""
     import lightning as L
+    import torch
 
     class _Guard(L.Callback):
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
