@@ -239,3 +239,30 @@ def test_a_timed_out_submitit_job_is_requeued_and_resumes_in_its_own_folder_at_t
     assert summary["steps"] == 600 and summary["resumed_from"] == str(job / "ckpts" / "last.ckpt")
     # Each try went on from the step the one before saved (its CSV log starts there).
     assert sorted(int(p.name.split("-")[1]) for p in (job / "logs" / "csv").glob("resumed-*")) == saved
+
+
+def test_a_stage_that_cannot_fit_is_warned_about_or_refused_before_it_starts(tiny_pixel_model, tmp_path, caplog):
+    import psutil
+    from omegaconf import OmegaConf
+
+    from helpers import compose_cfg
+    from text23d import memory
+    from text23d.errors import ConfigError
+    from text23d.prior.loading import load_prior
+    from text23d.run import build_system
+
+    def system(batch):
+        cfg = compose_cfg(["prompt=a red cube", "debug=smoke", f"prior.pretrained_model_name_or_path={tiny_pixel_model}",
+                           f"output_dir={tmp_path}", "system.width=64", "system.height=64", f"system.batch_size={batch}"])
+        s = build_system(cfg)
+        s.prior = load_prior(**OmegaConf.to_container(cfg.prior, resolve=True))
+        return s
+
+    total = psutil.virtual_memory().total
+    per_view = memory.stage_bytes(system(1).stages[0], 16, 1)  # 64² views, 16 samples a ray (smoke)
+    assert per_view == 64 * 64 * 16 * memory.BYTES_PER_SAMPLE
+    with caplog.at_level("WARNING", logger="text23d"):
+        memory.check(system(int(2 * total / per_view)), torch.device("cpu"))  # twice the machine: a warning
+    assert "needs about" in caplog.text and "it may run out of memory" in caplog.text
+    with pytest.raises(ConfigError, match=r"stage main: \d+ view\(s\) of 64x64 needs about .* GiB .* Fix: a render size"):
+        memory.check(system(int(20 * total / per_view)), torch.device("cpu"))  # 20×: refused
