@@ -24,6 +24,7 @@ def test_identical_particles_have_no_diversity(tmp_path):
     assert d["n"] == 2 and d["pairwise_iou"] == pytest.approx(1.0) and d["pairwise_rgb_l1"] < 1e-6
 
 
+@pytest.mark.slow  # 90 s; two particles are also exported and compared in test_vsd_run
 def test_a_different_particle_is_measured_and_scored_on_its_own(tmp_path):
     system = two_particles(tmp_path)
     grid = system.particles[1].geometry

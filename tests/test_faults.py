@@ -67,7 +67,7 @@ def leftovers(run: Path) -> list[str]:
 
 @pytest.mark.parametrize("sig,code", [(signal.SIGTERM, 143), (signal.SIGINT, 130),
                                       pytest.param(signal.SIGUSR1, 138, marks=pytest.mark.slow),
-                                      (signal.SIGUSR2, 140)])
+                                      pytest.param(signal.SIGUSR2, 140, marks=pytest.mark.slow)])
 def test_a_signal_saves_at_the_step_boundary_prints_the_resume_command_and_exports_nothing(
         tiny_pixel_model, tmp_path, sig, code):
     out = tmp_path / "run"

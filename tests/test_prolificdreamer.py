@@ -134,7 +134,7 @@ def test_lora_reset_starts_the_texture_stage_from_the_built_weights(tiny_pixel_m
     assert not system.lora_optimizer.state  # and a new optimizer
 
 
-@pytest.mark.parametrize("crash_at", [3, pytest.param(4, marks=pytest.mark.slow)])  # at the reset, just after
+@pytest.mark.parametrize("crash_at", [pytest.param(3, marks=pytest.mark.slow), pytest.param(4, marks=pytest.mark.slow)])  # at the reset, just after
 def test_a_run_that_resets_the_lora_resumes_bit_identical(tiny_pixel_model, tmp_path, crash_at):
     reset = ["deterministic=true", "checkpoint.every_n_train_steps=1", "system.stage.texture.lora=reset"]
     run(pd(tiny_pixel_model, tmp_path / "straight", *reset))
