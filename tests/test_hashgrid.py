@@ -1,13 +1,15 @@
 """The torch hash grid indexes exactly as tiny-cuda-nn does (checked against a per-level reference
 written with plain integers), so checkpoints move between the two implementations."""
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 from text23d import accel
+from text23d.checkpoint import AtomicCheckpointIO
 from text23d.errors import ConfigError
-from text23d.geometry.hashgrid import HashEncoding, HashGrid, level_layout
+from text23d.geometry.hashgrid import HashEncoding, HashGrid, TcnnHashEncoding, level_layout
 
 
 def reference(params, u, n_levels, n_features, log2_table, base_resolution, per_level_scale):
@@ -86,6 +88,55 @@ def test_tcnn_and_torch_agree_where_tcnn_exists():
     slow.load_state_dict(fast.state_dict())
     u = torch.rand(1000, 3, device="cuda")
     assert torch.allclose(fast.encoding(u), slow.encoding(u), atol=1e-3)
+
+
+class StandInTcnnEncoding(torch.nn.Module):
+    """tinycudann.Encoding's parameter layout (one flat `params`, nothing else in its state dict),
+    computing the torch path's math on that table: tcnn itself needs CUDA and does not install here."""
+
+    def __init__(self, n_input_dims, config):
+        super().__init__()
+        assert n_input_dims == 3 and config["otype"] == "HashGrid"
+        args = [config[k] for k in ("n_levels", "n_features_per_level", "log2_hashmap_size", "base_resolution",
+                                    "per_level_scale")]
+        object.__setattr__(self, "math", HashEncoding(*args))  # not a child: its table is not ours
+        self.params = torch.nn.Parameter(torch.empty_like(self.math.params).uniform_(-1e-4, 1e-4))
+
+    def forward(self, u):
+        return torch.func.functional_call(self.math, {"params": self.params}, (u,))
+
+
+STAND_IN_TCNN = SimpleNamespace(Encoding=StandInTcnnEncoding)
+GRID = dict(n_levels=4, n_features=2, log2_table=10, base_resolution=4, per_level_scale=2.0)
+
+
+def tcnn_grid(**kwargs) -> HashGrid:
+    """A HashGrid on the tcnn path, with the stand-in in place of tinycudann."""
+    g = HashGrid(implementation="torch", **GRID, **kwargs)
+    g.encoding = TcnnHashEncoding(STAND_IN_TCNN, *GRID.values())
+    return g
+
+
+def randomised(g: HashGrid) -> HashGrid:
+    with torch.no_grad():
+        for p in g.parameters():
+            p.normal_()
+    return g
+
+
+@pytest.mark.parametrize("direction", ["torch->tcnn", "tcnn->torch"])
+def test_a_checkpoint_moves_between_tcnn_and_torch(direction, tmp_path):
+    torch.manual_seed(0)
+    slow, fast = randomised(HashGrid(implementation="torch", **GRID)), randomised(tcnn_grid())
+    src, dst = (slow, fast) if direction == "torch->tcnn" else (fast, slow)
+    a = src.state_dict()
+    AtomicCheckpointIO().save_checkpoint({"state_dict": a}, tmp_path / "last.ckpt")  # as run() writes them
+    dst.load_state_dict(torch.load(tmp_path / "last.ckpt", weights_only=True)["state_dict"], strict=True)
+    b = dst.state_dict()
+    assert list(a) == list(b) and all(torch.equal(a[k], b[k]) for k in a), (list(a), list(b))
+    assert torch.equal(fast.encoding.params, slow.encoding.params)
+    u = torch.rand(64, 3)
+    assert torch.equal(fast.encoding(u), slow.encoding(u))  # the same table gives the same features
 
 
 def test_bad_settings_are_refused():

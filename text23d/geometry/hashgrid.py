@@ -80,6 +80,11 @@ class TcnnHashEncoding(nn.Module):
         self.encoding = tcnn.Encoding(3, {"otype": "HashGrid", "n_levels": n_levels,
                                           "n_features_per_level": n_features, "log2_hashmap_size": log2_table,
                                           "base_resolution": base_resolution, "per_level_scale": per_level_scale})
+        # tcnn's module keeps the table as its own `params`, so it would be saved as `encoding.params`
+        # here. The hooks rename that one key both ways: the state dict is then exactly the torch
+        # path's (`params`, the same shape), and either loads strictly into the other.
+        self.register_state_dict_post_hook(_tcnn_to_torch_key)
+        self.register_load_state_dict_pre_hook(_torch_to_tcnn_key)
 
     @property
     def params(self) -> Tensor:
@@ -88,15 +93,14 @@ class TcnnHashEncoding(nn.Module):
     def forward(self, u: Tensor) -> Tensor:
         return self.encoding(u).float()
 
-    def _save_to_state_dict(self, destination, prefix, keep_vars):  # same key as the torch path
-        destination[prefix + "params"] = self.encoding.params if keep_vars else self.encoding.params.detach()
 
-    def _load_from_state_dict(self, state_dict, prefix, *args):
-        key = prefix + "params"
-        if key in state_dict:
-            with torch.no_grad():
-                self.encoding.params.copy_(state_dict.pop(key))
-        super()._load_from_state_dict(state_dict, prefix, *args)
+def _tcnn_to_torch_key(module, state_dict, prefix, local_metadata) -> None:
+    state_dict[prefix + "params"] = state_dict.pop(prefix + "encoding.params")
+
+
+def _torch_to_tcnn_key(module, state_dict, prefix, *args) -> None:
+    if prefix + "params" in state_dict:  # absent: load_state_dict reports it as missing (encoding.params)
+        state_dict[prefix + "encoding.params"] = state_dict.pop(prefix + "params")
 
 
 class HashGrid(Geometry):
