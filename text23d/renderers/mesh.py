@@ -56,7 +56,7 @@ class MeshRenderer(nn.Module):
         light = cams.light_position[:, None, None].expand(B, height, width, 3)[covered]
         albedo = geometry.albedo(pos[covered])
         colour = shade(albedo, normal[covered], pos[covered], light, shading, self.ambient, self.diffuse)
-        fg = pos.new_zeros(B, height, width, 3).index_put((covered,), colour)
+        fg = pos.new_zeros(B, height, width, 3).index_put((covered,), colour.to(pos.dtype))  # autocast: half
         fg = _spread(fg, covered)  # colour for the outside half of the blend band
         _, dirs = get_rays(cams, height, width)
         bg = background(dirs.reshape(-1, 3)).view(B, height, width, 3)

@@ -91,7 +91,7 @@ class VolumeRenderer(nn.Module):
             density = geometry.density(flat)
         else:  # samples in empty cells never reach the field
             live = occupancy.lookup(flat)
-            density = flat.new_zeros(flat.shape[0]).index_put((live,), geometry.density(flat[live]))
+            density = flat.new_zeros(flat.shape[0]).index_put((live,), geometry.density(flat[live]).float())
         alpha = 1.0 - torch.exp(-density.view(-1, n) * delta)  # (R, n)
         alpha = alpha * hit[:, None]
         trans = torch.cumprod(torch.cat([torch.ones_like(alpha[:, :1]), 1.0 - alpha + 1e-10], 1), 1)[:, :-1]
@@ -103,10 +103,10 @@ class VolumeRenderer(nn.Module):
         light = light if keep is None else light[keep]
         color_sub = shade(geometry.albedo(sub), normals_sub, sub, light, shading, self.ambient, self.diffuse)
         color, normals = color_sub, normals_sub
-        if keep is not None:
-            color = flat.new_zeros(flat.shape[0], 3).index_put((keep,), color_sub)
+        if keep is not None:  # float32: under bf16/16-mixed autocast the fields' MLPs answer in half precision
+            color = flat.new_zeros(flat.shape[0], 3).index_put((keep,), color_sub.float())
             if need_normals:
-                normals = flat.new_zeros(flat.shape[0], 3).index_put((keep,), normals_sub)
+                normals = flat.new_zeros(flat.shape[0], 3).index_put((keep,), normals_sub.float())
 
         opacity = weights.sum(1, keepdim=True)  # (R, 1)
         rgb_fg = (weights[..., None] * color.view(-1, n, 3)).sum(1)

@@ -147,7 +147,8 @@ class BaseSystem(L.LightningModule):
         from text23d.prior.loading import load_prior
 
         device = self.trainer.strategy.root_device
-        self.prior = load_prior(**OmegaConf.to_container(self.cfg.prior, resolve=True), device=device)
+        self.prior = load_prior(**OmegaConf.to_container(self.cfg.prior, resolve=True), device=device,
+                                trainer_precision=str(self.trainer.precision))  # prior.dtype=auto follows bf16
         self.prompt_processor.prepare(self.prior)
         # Every embedding is cached now: DeepFloyd IF's T5 (4.7 B parameters) need not stay in memory.
         self.prior.release_text_encoder()
@@ -241,14 +242,21 @@ class BaseSystem(L.LightningModule):
         optimizers = self.optimizers()
         optimizer = optimizers[k] if isinstance(optimizers, list) else optimizers
         optimizer.zero_grad()
-        self.manual_backward(total)
-        bad = self._any_rank(bad or not all(bool(torch.isfinite(p.grad).all()) for g in optimizer.param_groups
-                                            for p in g["params"] if p.grad is not None))
-        if bad:
+        self.manual_backward(total)  # under 16-mixed: the loss times the GradScaler's scale
+        scaler = self.grad_scaler()
+        if scaler is None:  # with a scaler, non-finite gradients are its overflow to handle (below)
+            bad = bad or not all(bool(torch.isfinite(p.grad).all()) for g in optimizer.param_groups
+                                 for p in g["params"] if p.grad is not None)
+        if self._any_rank(bad):
             self.skip_step(optimizer, step)
         else:
+            # Under 16-mixed, Lightning's scaler unscales, and skips a step whose scaled gradients
+            # overflowed, lowering its scale. Skipped here instead, the scale would never come down
+            # and the guard would stop the run (guard.max_nonfinite_steps).
             optimizer.step()
             self._nonfinite_in_a_row = 0
+        if scaler is not None:
+            logs["train/grad_scale"] = float(scaler.get_scale())
         logs["train/nonfinite_skipped"] = float(self._nonfinite_total)
         batch_size = stage.cfg.batch_size
         self.log_dict(logs, batch_size=batch_size)
@@ -258,6 +266,10 @@ class BaseSystem(L.LightningModule):
             # Here, not in a hook: the checkpoint written at this step must already know it ended.
             self.end_stage(k, final_loss=float(total.detach()))
         return total.detach()
+
+    def grad_scaler(self) -> torch.amp.GradScaler | None:
+        """Lightning's GradScaler under 16-mixed; None under 32-true and bf16-mixed (no scaling)."""
+        return getattr(self.trainer.precision_plugin, "scaler", None) if self._trainer is not None else None
 
     def _any_rank(self, flag: bool) -> bool:
         """True when `flag` is true on any DDP rank (every rank must skip the same steps)."""
@@ -269,7 +281,9 @@ class BaseSystem(L.LightningModule):
 
     def skip_step(self, optimizer, step: int) -> None:
         """A non-finite loss or gradient: not applied (the same step is tried again with new
-        cameras and noise); too many in a row stop the run, whose state is still the last finite one."""
+        cameras and noise); too many in a row stop the run, whose state is still the last finite one.
+        Non-finite in float32 terms only: under 16-mixed, an overflow of the scaled gradients is the
+        GradScaler's (it skips the step and lowers its scale), not one of these."""
         optimizer.zero_grad()
         self._nonfinite_in_a_row += 1
         self._nonfinite_total += 1

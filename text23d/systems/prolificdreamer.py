@@ -31,8 +31,8 @@ class ProlificDreamer(DreamFusion):
 
     def __init__(self, cfg):
         super().__init__(cfg)
-        self.lora = self.lora_optimizer = None
-        self._lora_optimizer_state = None
+        self.lora = self.lora_optimizer = self.lora_scaler = None
+        self._lora_optimizer_state = self._lora_scaler_state = None
         self._lora_initial = None
         self._lora_from = None  # (weights, optimizer state, where) of an init_from source
         vsd = [st.cfg.name for st in self.vsd_stages()]
@@ -65,10 +65,26 @@ class ProlificDreamer(DreamFusion):
         # the checkpoint is restored), for a stage that resets it.
         self._lora_initial = lora.trainable_state_dict() if any(st.cfg.lora == "reset" for st in self.stages) else None
         self.lora_optimizer = guidance.lora_optimizer()
+        self.lora_scaler = self._lora_grad_scaler()
         if self._lora_from is not None:
             self._load_carried_lora(*self._lora_from)
         if self._lora_optimizer_state is not None:
             self.lora_optimizer.load_state_dict(self._lora_optimizer_state)
+        if self.lora_scaler is not None and self._lora_scaler_state is not None:
+            self.lora_scaler.load_state_dict(self._lora_scaler_state)
+
+    def _lora_grad_scaler(self) -> torch.amp.GradScaler | None:
+        """Under 16-mixed, a GradScaler for the LoRA (its loss runs under fp16 autocast too), with the
+        settings of Lightning's. Its own: Lightning's scaler steps only the optimizers Lightning wraps,
+        not the LoRA's AdamW, and the two losses overflow at different scales, so with one shared
+        scale an overflow of either would skip the other's step and lower its scale."""
+        shared = self.grad_scaler()
+        if shared is None:
+            return None
+        return torch.amp.GradScaler(self.trainer.strategy.root_device.type, init_scale=shared.get_scale(),
+                                    growth_factor=shared.get_growth_factor(),
+                                    backoff_factor=shared.get_backoff_factor(),
+                                    growth_interval=shared.get_growth_interval())
 
     def carry_lora(self, weights: dict, optimizer_state: dict | None, source: str) -> None:
         """init_from: the source run's LoRA goes on training here (loaded in setup_guidance)."""
@@ -117,12 +133,19 @@ class ProlificDreamer(DreamFusion):
         x0 = torch.cat([v["guide"]["x0"] for v in views])
         cond = torch.cat([v["cond"] for v in views])
         c2w = torch.cat([v["cams"].c2w.reshape(len(v["cams"]), 16) for v in views])
+        scaler = self.lora_scaler
         for _ in range(guidance.lora_steps):
             with torch.enable_grad():
                 loss = guidance.lora_loss(x0, cond, c2w)
             self.lora_optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            (loss if scaler is None else scaler.scale(loss)).backward()
             self._average_lora_grads()  # before the check below: every rank then decides alike
+            if scaler is not None:
+                # It unscales, skips a step whose (averaged, so on every rank the same) gradients are
+                # not finite and lowers its scale; a non-finite loss gives such gradients too.
+                scaler.step(self.lora_optimizer)
+                scaler.update()
+                continue
             if not all(bool(torch.isfinite(p.grad).all()) for p in self.lora.trainable_parameters()
                        if p.grad is not None) or not bool(torch.isfinite(loss)):
                 log.warning("LoRA step skipped: non-finite loss or gradient")
@@ -149,14 +172,19 @@ class ProlificDreamer(DreamFusion):
         super().on_save_checkpoint(checkpoint)
         if self.lora_optimizer is not None:
             checkpoint["text23d"]["lora_optimizer"] = self.lora_optimizer.state_dict()
+            if self.lora_scaler is not None:  # 16-mixed: its scale, so a resumed run goes on with it
+                checkpoint["text23d"]["lora_scaler"] = self.lora_scaler.state_dict()
             if self.global_rank == 0:  # called on every DDP rank; one writer
                 self.save_lora(self.out_dir / "ckpts" / "lora.safetensors")
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         super().on_load_checkpoint(checkpoint)
         self._lora_optimizer_state = checkpoint["text23d"].get("lora_optimizer")
+        self._lora_scaler_state = checkpoint["text23d"].get("lora_scaler")
         if self.lora_optimizer is not None and self._lora_optimizer_state is not None:
             self.lora_optimizer.load_state_dict(self._lora_optimizer_state)
+        if self.lora_scaler is not None and self._lora_scaler_state is not None:
+            self.lora_scaler.load_state_dict(self._lora_scaler_state)
 
     def save_lora(self, path: Path) -> str:
         os.makedirs(Path(path).parent, exist_ok=True)
