@@ -1,7 +1,9 @@
 """Prior loading: tiny real diffusers/transformers folders, no mocks, no network."""
 
+import logging
 import shutil
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,7 +14,7 @@ from helpers import text_close
 from text23d.builtin.tokenizer import write_word_tokenizer
 from text23d.errors import ConfigError, PriorLoadError
 from text23d.prior.loading import load_prior
-from text23d.testing import TINY_WORDS, build_tiny_model
+from text23d.testing import TINY_WORDS, build_tiny_if_model, build_tiny_model
 
 
 # --- tokenizer -------------------------------------------------------------------------------
@@ -131,17 +133,72 @@ def test_learned_variance_channels_dropped(tmp_path):
     assert torch.equal(prior.predict_noise(x_t, t, emb), full[:, :3])
 
 
-def test_hub_id_loads_from_local_cache(tmp_path, monkeypatch, tiny_pixel_model):
-    # The layout huggingface_hub writes: models--owner--name/{refs/main, snapshots/<commit>/...}
+def hub_cache(tmp_path, monkeypatch, model, repo_id="text23d/tiny-pixel") -> Path:
+    """`model` copied into the layout huggingface_hub writes: models--owner--name/{refs/main,
+    snapshots/<commit>/...}, with HF_HUB_CACHE pointing at it. Returns the snapshot folder."""
     commit = "0123456789abcdef0123456789abcdef01234567"
-    repo = tmp_path / "hub" / "models--text23d--tiny-pixel"
-    shutil.copytree(tiny_pixel_model, repo / "snapshots" / commit)
+    repo = tmp_path / "hub" / ("models--" + repo_id.replace("/", "--"))
+    shutil.copytree(model, repo / "snapshots" / commit)
     (repo / "refs").mkdir()
     (repo / "refs" / "main").write_text(commit)
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    return repo / "snapshots" / commit
+
+
+def test_hub_id_loads_from_local_cache(tmp_path, monkeypatch, tiny_pixel_model):
+    snapshot = hub_cache(tmp_path, monkeypatch, tiny_pixel_model)
     prior = load_prior("text23d/tiny-pixel")
-    assert prior.name == "text23d/tiny-pixel" and prior.model_dir.name == commit
+    assert prior.name == "text23d/tiny-pixel" and prior.model_dir == snapshot.resolve()
     assert prior.cache_key.startswith("text23d/tiny-pixel@")
+
+
+def test_half_finished_download_offline_is_incomplete_not_corrupt(tmp_path, monkeypatch, tiny_latent_model):
+    # A download stopped after model_index.json, the scheduler, the unet's config and the tokenizer's
+    # config: huggingface_hub links only finished files into the snapshot, so this is what it holds.
+    snapshot = hub_cache(tmp_path, monkeypatch, tiny_latent_model, "text23d/tiny-sd")
+    for gone in ("text_encoder", "vae"):
+        shutil.rmtree(snapshot / gone)
+    for gone in ("unet/diffusion_pytorch_model.safetensors", "tokenizer/vocab.json", "tokenizer/merges.txt"):
+        (snapshot / gone).unlink()
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(PriorLoadError, match="download in the Hugging Face cache is incomplete") as err:
+        load_prior("text23d/tiny-sd")
+    message = str(err.value)
+    assert "corrupt" not in message and str(snapshot) in message
+    assert ("lacks unet/diffusion_pytorch_model.safetensors, vae/, text_encoder/, tokenizer/vocabulary "
+            "(tokenizer.json, vocab.json + merges.txt or *.model))") in message
+    assert "scheduler/" not in message  # present: not listed
+    assert "unset HF_HUB_OFFLINE" in message and "hf download text23d/tiny-sd" in message
+    assert "huggingface-cli download text23d/tiny-sd" in message
+
+
+def test_half_finished_download_unreachable_endpoint(tmp_path, monkeypatch):
+    # DeepFloyd IF's T5 comes in shards: a download that stopped between them lists the missing shard.
+    # Its safety_checker/watermarker entries have no folders here, as text23d never downloads them.
+    from transformers import T5EncoderModel
+
+    model = build_tiny_if_model(tmp_path / "if")
+    encoder = T5EncoderModel.from_pretrained(model / "text_encoder")
+    shutil.rmtree(model / "text_encoder")
+    encoder.save_pretrained(model / "text_encoder", max_shard_size="40KB")
+    shards = sorted((model / "text_encoder").glob("model-*.safetensors"))
+    assert len(shards) >= 2 and (model / "text_encoder" / "model.safetensors.index.json").is_file()
+    snapshot = hub_cache(tmp_path, monkeypatch, model, "text23d/tiny-if")
+    (snapshot / "text_encoder" / shards[-1].name).unlink()
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # discard port: nothing listens
+    for var in ("http_proxy", "HTTP_PROXY", "all_proxy", "ALL_PROXY"):
+        monkeypatch.delenv(var, raising=False)
+    with pytest.raises(PriorLoadError, match="incomplete .*unreachable") as err:
+        load_prior("text23d/tiny-if")
+    message = str(err.value)
+    assert f"text_encoder/{shards[-1].name}" in message and "corrupt" not in message
+    assert "unet/" not in message and "safety_checker" not in message
+    assert "http://127.0.0.1:9" in message and "hf download text23d/tiny-if" in message
+    # The same snapshot with the shard back is complete: it loads without touching the network.
+    shutil.copy(shards[-1], snapshot / "text_encoder" / shards[-1].name)
+    assert load_prior("text23d/tiny-if").encode_text(["a red cube"]).shape == (1, 77, 32)
 
 
 # --- failures: fast, and each message names the value and a fix -------------------------------
@@ -211,10 +268,47 @@ def test_unet_vae_channel_mismatch(tmp_path, tiny_latent_model, tiny_pixel_model
 
 
 def test_bad_dtype(tiny_pixel_model):
-    with pytest.raises(ConfigError, match="'float64'.*float32"):
+    with pytest.raises(ConfigError, match="'float64' is not supported: use auto or one of .*float32"):
         load_prior(str(tiny_pixel_model), dtype="float64")
     with pytest.raises(ConfigError, match="float16.*cpu.*Fix: prior.dtype=float32"):
         load_prior(str(tiny_pixel_model), dtype="float16")
+
+
+def test_auto_dtype_rule():
+    from text23d.prior.loading import auto_dtype
+
+    assert auto_dtype("cpu")[0] == "float32"
+    assert auto_dtype("cpu", fast_fp16=True, bf16_supported=True, trainer_precision="bf16-mixed")[0] == "float32"
+    assert auto_dtype("mps", fast_fp16=True)[0] == "float32"
+    ampere = dict(fast_fp16=True, bf16_supported=True)
+    assert auto_dtype("cuda", **ampere) == ("float16", "this GPU has fast float16")  # threestudio's choice
+    assert auto_dtype("cuda", **ampere, trainer_precision="16-mixed")[0] == "float16"
+    assert auto_dtype("cuda", **ampere, trainer_precision="bf16-mixed") == ("bfloat16", "trainer.precision=bf16-mixed")
+    assert auto_dtype("cuda", **ampere, trainer_precision="bf16-true")[0] == "bfloat16"
+    volta = dict(fast_fp16=True, bf16_supported=False)
+    assert auto_dtype("cuda", **volta, trainer_precision="bf16-mixed")[0] == "float16"  # no bfloat16 there
+    assert auto_dtype("cuda", fast_fp16=False, bf16_supported=True)[0] == "bfloat16"
+    assert auto_dtype("cuda", fast_fp16=False, bf16_supported=False)[0] == "float32"  # Pascal and older
+
+
+def test_auto_dtype_on_cpu_loads_float32_and_says_so(tiny_pixel_model, caplog):
+    with caplog.at_level(logging.INFO, logger="text23d"):
+        prior = load_prior(str(tiny_pixel_model), dtype="auto", trainer_precision="bf16-mixed")
+    assert prior.dtype == torch.float32 and prior.unet.dtype == torch.float32
+    name = str(tiny_pixel_model.resolve())
+    assert f"prior {name}: float32 weights (prior.dtype=auto on cpu: float16/bfloat16 are for CUDA only)" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="text23d"):
+        load_prior(str(tiny_pixel_model), dtype="bfloat16")  # explicit: allowed on CPU, and logged as chosen
+    assert f"prior {name}: bfloat16 weights (prior.dtype=bfloat16)" in caplog.text
+
+
+def test_real_priors_default_to_auto_dtype():
+    from helpers import compose_cfg
+
+    for prior in ("sd21base", "sd15", "deepfloyd_if"):
+        assert compose_cfg([f"prior={prior}"]).prior.dtype == "auto", prior
+    assert compose_cfg(["prior=builtin"]).prior.dtype == "float32"  # ours: trained and tuned in float32
 
 
 def test_missing_hub_id_offline_fails_fast(tmp_path, monkeypatch):

@@ -5,8 +5,9 @@ watching minutes of retries, or get a silently empty tokenizer offline. Here:
   * a local folder must be a diffusers folder (model_index.json); its components are loaded from the
     `[library, class]` pairs in that file, so SD 1.x/2.x, DeepFloyd IF and our own pixel models all
     take the same path;
-  * a hub id is looked up in the local cache first; if it is missing we either fail at once
-    (HF_HUB_OFFLINE) or probe the endpoint with a 5 s socket connect before downloading;
+  * a hub id is looked up in the local cache first; if it is missing, or a download that stopped
+    part-way left it incomplete, we either fail at once (HF_HUB_OFFLINE) or probe the endpoint with
+    a 5 s socket connect before downloading (which finishes a partial download);
   * every failure is a PriorLoadError that names the model and says how to fix it.
 The environment is read at call time: huggingface_hub snapshots HF_ENDPOINT / HF_HUB_OFFLINE when
 it is imported, which would ignore a user's (or a test's) later change.
@@ -18,6 +19,7 @@ import hashlib
 import importlib
 import importlib.util
 import json
+import logging
 import os
 import socket
 import threading
@@ -31,11 +33,13 @@ import torch
 from text23d.errors import ConfigError, PriorLoadError
 from text23d.prior.prior import Prior
 
+log = logging.getLogger(__name__)
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 # Components we load; everything else in model_index.json (safety_checker, feature_extractor,
 # watermarker, image_encoder, ...) is ignored.
 NEEDED = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 LIBRARIES = ("diffusers", "transformers")
+ADDITION_EMBED_TYPES = (None, "text")  # see _check_shapes
 PROBE_TIMEOUT_S = 5.0
 FOLDER_HINT = "prior.pretrained_model_name_or_path=/path/to/model"
 
@@ -46,11 +50,16 @@ def load_prior(
     device="cpu",
     latent: bool | str | None = "auto",
     resolution: int | None = None,
+    trainer_precision: str | None = None,
 ) -> Prior:
-    """Load a frozen diffusion prior from a diffusers folder or a Hub id. See module docstring."""
+    """Load a frozen diffusion prior from a diffusers folder or a Hub id. See module docstring.
+
+    dtype: float32 | float16 | bfloat16, or auto (see `auto_dtype`); trainer_precision: Lightning's
+    `trainer.precision` (e.g. "bf16-mixed"), which auto follows.
+    """
     _quiet_progress_bars()
     name = str(pretrained_model_name_or_path)
-    torch_dtype = _check_dtype(dtype, device)
+    torch_dtype, why = _check_dtype(dtype, device, trainer_precision)
     want_latent = _check_latent_flag(latent)
     model_dir, name = _resolve_model_dir(name)
     index = _read_model_index(model_dir, name)
@@ -78,6 +87,8 @@ def load_prior(
             f"resolution={resolution} is not a multiple of the VAE factor {_vae_factor(vae)} of "
             f"prior '{name}'. Fix: pass a multiple of it, e.g. {_native_resolution(unet, vae)}."
         )
+
+    log.info("prior %s: %s weights (%s)", name, str(torch_dtype).removeprefix("torch."), why)
 
     def load_text_side():  # called lazily by Prior.encode_text
         tokenizer = _load_component(model_dir, index, "tokenizer", name, None)
@@ -112,7 +123,8 @@ def _quiet_progress_bars() -> None:
     transformers.utils.logging.disable_progress_bar()
 
 
-def _check_dtype(dtype, device) -> torch.dtype:
+def _check_dtype(dtype, device, trainer_precision=None) -> tuple[torch.dtype, str]:
+    """(weights dtype, why: for the run log)."""
     try:
         device = torch.device(device)
     except (RuntimeError, TypeError) as err:
@@ -120,17 +132,63 @@ def _check_dtype(dtype, device) -> torch.dtype:
             f"prior device={device!r} is not a torch device ({err}). Fix: device=cpu or device=cuda"
         ) from err
     key = str(dtype).removeprefix("torch.")
+    if key == "auto":
+        caps = _cuda_capabilities(device) if device.type == "cuda" else {}
+        key, why = auto_dtype(device.type, trainer_precision=trainer_precision, **caps)
+        return DTYPES[key], f"prior.dtype=auto on {device.type}: {why}"
     if key not in DTYPES:
         raise ConfigError(
-            f"prior dtype={dtype!r} is not supported: use one of {sorted(DTYPES)}. "
-            "Fix: prior.dtype=float32 (float16 only on CUDA)."
+            f"prior dtype={dtype!r} is not supported: use auto or one of {sorted(DTYPES)}. "
+            "Fix: prior.dtype=auto (float16 on CUDA, float32 on CPU) or prior.dtype=float32."
         )
     if key == "float16" and device.type == "cpu":
         raise ConfigError(
             "prior dtype='float16' on device 'cpu' is not supported (many CPU kernels lack half "
             "precision and it is slower). Fix: prior.dtype=float32, or run on a GPU (device=cuda)."
         )
-    return DTYPES[key]
+    return DTYPES[key], f"prior.dtype={key}"
+
+
+def auto_dtype(
+    device_type: str,
+    *,
+    fast_fp16: bool = False,
+    bf16_supported: bool = False,
+    trainer_precision: str | None = None,
+) -> tuple[str, str]:
+    """What prior.dtype=auto loads: (dtype name, the reason in words). A pure rule, so it is tested
+    on any machine; `_cuda_capabilities` supplies the flags on a GPU.
+
+    * Not CUDA (cpu, mps, ...): float32. Half-precision CPU kernels are missing or slower, and
+      diffusers' own default is the highest precision off the GPU.
+    * CUDA and trainer.precision bf16-*: bfloat16, the format autocast computes in anyway (float16
+      where the GPU has no bfloat16).
+    * CUDA with fast float16 (tensor cores, compute capability >= 7.0): float16, as threestudio
+      loads SD and IF: half the memory and time of float32, and SD/IF ship float16 weights.
+    * CUDA without fast float16 (older than Volta): bfloat16 if the GPU has it, else float32:
+      float16 without tensor cores is slow (1/64 speed on consumer Pascal cards).
+    """
+    if device_type != "cuda":
+        return "float32", "float16/bfloat16 are for CUDA only"
+    if str(trainer_precision or "").startswith("bf16"):
+        if bf16_supported:
+            return "bfloat16", f"trainer.precision={trainer_precision}"
+        return "float16", f"trainer.precision={trainer_precision}, but this GPU has no bfloat16"
+    if fast_fp16:
+        return "float16", "this GPU has fast float16"
+    if bf16_supported:
+        return "bfloat16", "this GPU has no fast float16"
+    return "float32", "this GPU has neither fast float16 nor bfloat16"
+
+
+def _cuda_capabilities(device: torch.device) -> dict:
+    """The flags `auto_dtype` needs, for this CUDA device: float16 tensor cores from compute
+    capability 7.0 (Volta), native bfloat16 from 8.0 (Ampere) and on every ROCm GPU. Not
+    torch.cuda.is_bf16_supported(): it asks the *current* device, and by default counts emulation."""
+    if not torch.cuda.is_available():
+        return {}  # the device itself fails clearly when the weights are moved onto it
+    major, _ = torch.cuda.get_device_capability(device)
+    return {"fast_fp16": major >= 7, "bf16_supported": major >= 8 or bool(torch.version.hip)}
 
 
 def _check_latent_flag(latent) -> bool | None:
@@ -179,14 +237,24 @@ def _hub_snapshot(repo_id: str) -> str:
 
     cache_dir = _hub_cache_dir()
     try:  # the cache first, even online: no network round trip for a model we already have
-        return snapshot_download(
+        cached = snapshot_download(
             repo_id, allow_patterns=["model_index.json"], cache_dir=cache_dir, local_files_only=True
         )
     except Exception:  # not cached (LocalEntryNotFoundError and friends): go on below
-        pass
-    download_cmd = f"`huggingface-cli download {repo_id}`"
+        cached = None
+    # A download that stopped part-way leaves model_index.json in the snapshot: finish it (online)
+    # or say so (offline), rather than failing later as a "corrupt" component.
+    missing = _missing_files(Path(cached), repo_id) if cached else []
+    if cached and not missing:
+        return cached
+    # `hf` since huggingface_hub 1.0; older versions only have `huggingface-cli`.
+    download_cmd = f"`hf download {repo_id}` (older huggingface_hub: `huggingface-cli download {repo_id}`)"
     not_local = f" (no local folder {Path(repo_id).resolve()} exists either)"
     if _env_true("HF_HUB_OFFLINE") or _env_true("TRANSFORMERS_OFFLINE"):
+        if cached:
+            raise _incomplete(repo_id, cached, missing, "HF_HUB_OFFLINE=1 keeps it from being finished",
+                              "unset HF_HUB_OFFLINE and run again (the download resumes where it stopped)",
+                              download_cmd)
         raise PriorLoadError(
             f"prior '{repo_id}' is not in the local Hugging Face cache ({cache_dir}) and "
             f"HF_HUB_OFFLINE=1{not_local}. Download it on a machine with network ({download_cmd}) "
@@ -194,6 +262,10 @@ def _hub_snapshot(repo_id: str) -> str:
         )
     endpoint = (os.environ.get("HF_ENDPOINT") or "https://huggingface.co").rstrip("/")
     reason = _probe(endpoint)
+    if reason and cached:
+        raise _incomplete(repo_id, cached, missing, f"the hub endpoint {endpoint} that would finish it is "
+                          f"unreachable ({reason})", "connect to the network and run again (the download "
+                          "resumes where it stopped)", download_cmd)
     if reason:
         raise PriorLoadError(
             f"prior '{repo_id}' is not in the local Hugging Face cache ({cache_dir}) and the hub "
@@ -201,7 +273,21 @@ def _hub_snapshot(repo_id: str) -> str:
             f"download it elsewhere ({download_cmd}) and copy the cache, or point to a local "
             f"folder: {FOLDER_HINT}. Set HF_HUB_OFFLINE=1 to skip this network check."
         )
-    return _download(repo_id, endpoint, cache_dir)
+    return _download(repo_id, endpoint, cache_dir)  # also finishes a partial one: files on disk are kept
+
+
+def _incomplete(repo_id: str, folder: str, missing: list[str], why: str, fix: str, download_cmd: str):
+    return PriorLoadError(
+        f"prior '{repo_id}': the download in the Hugging Face cache is incomplete ({folder} lacks "
+        f"{_listing(missing)}): an earlier download stopped part-way, and {why}. Fix: {fix}; or run "
+        f"{download_cmd} on a machine with network and copy the cache; or point to a local "
+        f"folder: {FOLDER_HINT}"
+    )
+
+
+def _listing(items: list[str], most: int = 6) -> str:
+    shown = ", ".join(items[:most])
+    return shown + (f" and {len(items) - most} more" if len(items) > most else "")
 
 
 def _download(repo_id: str, endpoint: str, cache_dir: str) -> str:
@@ -211,21 +297,31 @@ def _download(repo_id: str, endpoint: str, cache_dir: str) -> str:
     try:
         folder = snapshot_download(repo_id, allow_patterns=["model_index.json"], **kwargs)
         index = _read_model_index(Path(folder), repo_id)
-        parts = [c for c in NEEDED if isinstance(index.get(c), list) and index[c][0] is not None]
+        parts = _listed_components(index)
         # Configs, tokenizer files and safetensors weights only: never pickled .bin/.ckpt files,
         # and not the fp16/EMA duplicates that would double the download.
         patterns = ["model_index.json"] + [
             f"{c}/*.{ext}" for c in parts for ext in ("json", "txt", "model", "safetensors")
         ]
         ignore = ["*.fp16.*", "*.fp16-*", "*non_ema*", "*.ema.*"]
-        return snapshot_download(repo_id, allow_patterns=patterns, ignore_patterns=ignore, **kwargs)
+        folder = snapshot_download(repo_id, allow_patterns=patterns, ignore_patterns=ignore, **kwargs)
+        missing = _missing_files(Path(folder), repo_id)
+        if missing:
+            raise PriorLoadError(
+                f"prior '{repo_id}': the download from {endpoint} finished, but {folder} still lacks "
+                f"{_listing(missing)}: the repository does not have them in the form text23d downloads "
+                "(configs, tokenizer files and *.safetensors weights; never pickled .bin files, nor "
+                "fp16/EMA variants alone). Fix: save the model with save_pretrained and point to that "
+                f"folder: {FOLDER_HINT}"
+            )
+        return folder
     except PriorLoadError:
         raise
     except Exception as err:
         gated = type(err).__name__ in ("RepositoryNotFoundError", "GatedRepoError")
         fix = (
             "check the spelling; for a gated model accept its license on the hub and run "
-            "`huggingface-cli login`"
+            "`hf auth login` (older huggingface_hub: `huggingface-cli login`)"
             if gated
             else "retry, or download it elsewhere and copy the cache"
         )
@@ -296,6 +392,63 @@ def _read_model_index(model_dir: Path, name: str) -> dict:
             f"prior '{name}': {path} is not valid JSON ({_first_line(err)}). "
             "Fix: restore the file from the original model (re-download or re-save it)."
         ) from err
+
+
+def _listed_components(index: dict) -> list[str]:
+    """The components we load that model_index.json lists (IF has no vae; nulls are skipped)."""
+    return [c for c in NEEDED if isinstance(index.get(c), list) and index[c][0] is not None]
+
+
+def _missing_files(model_dir: Path, name: str) -> list[str]:
+    """What a hub snapshot lacks of the files `_download` fetches, as "component/file" strings.
+
+    huggingface_hub links a file into the snapshot only once it is complete, so a missing file means
+    a download that stopped before it; a present one is whole.
+    """
+    index = _read_model_index(model_dir, name)
+    missing = []
+    for component in _listed_components(index):
+        folder = model_dir / component
+        if not folder.is_dir():
+            need = [""]  # the whole folder: "vae/"
+        elif component == "scheduler":
+            need = [] if (folder / "scheduler_config.json").is_file() else ["scheduler_config.json"]
+        elif component == "tokenizer":
+            vocabulary = "vocabulary (tokenizer.json, vocab.json + merges.txt or *.model)"
+            need = [] if _has_vocabulary(folder) else [vocabulary]
+        else:
+            weights = "diffusion_pytorch_model" if index[component][0] == "diffusers" else "model"
+            need = [] if (folder / "config.json").is_file() else ["config.json"]
+            need += _missing_weights(folder, weights)
+        missing += [f"{component}/{file}" for file in need]
+    return missing
+
+
+def _has_vocabulary(folder: Path) -> bool:
+    files = {p.name for p in folder.glob("*")} if folder.is_dir() else set()
+    return bool(
+        "tokenizer.json" in files
+        or {"vocab.json", "merges.txt"} <= files  # BPE (CLIP)
+        or any(f.endswith(".model") for f in files)  # sentencepiece (T5)
+        or "vocab.txt" in files  # WordPiece
+    )
+
+
+def _missing_weights(folder: Path, stem: str) -> list[str]:
+    """[] if the weights are whole: one file, or every shard a *.index.json names (IF's T5 is sharded).
+    stem: diffusion_pytorch_model (diffusers) or model (transformers; pytorch_model in old folders)."""
+    for base in (stem, "pytorch_model"):
+        for ext in ("safetensors", "bin"):
+            if (folder / f"{base}.{ext}").is_file():
+                return []
+            shard_index = folder / f"{base}.{ext}.index.json"
+            if shard_index.is_file():
+                try:
+                    shards = set(json.loads(shard_index.read_text(encoding="utf-8"))["weight_map"].values())
+                except Exception:
+                    return [f"{shard_index.name} (unreadable)"]
+                return sorted(s for s in shards if not (folder / s).is_file())
+    return [f"{stem}.safetensors"]
 
 
 def _component_entry(index: dict, component: str, model_dir: Path, name: str) -> tuple[str, str]:
@@ -380,10 +533,15 @@ def _check_tokenizer(tokenizer, name: str, model_dir: Path) -> None:
 
 
 def _check_shapes(name: str, unet, vae, latent: bool) -> None:
-    if getattr(unet.config, "addition_embed_type", None):
+    # DeepFloyd IF's "text" embedding pools the same text embeddings the UNet cross-attends to, so it
+    # needs no extra input; the others need inputs we do not have (SDXL's "text_time": pooled CLIP
+    # embeddings and image-size ids; Kandinsky's "image"/"text_image": CLIP image embeddings).
+    extra = getattr(unet.config, "addition_embed_type", None)
+    if extra not in ADDITION_EMBED_TYPES:
         raise PriorLoadError(
-            f"prior '{name}': its UNet needs extra conditioning ({unet.config.addition_embed_type}, "
-            "e.g. SDXL), which is not supported. Fix: use SD 1.x/2.x, DeepFloyd IF stage I or a pixel model."
+            f"prior '{name}': its UNet needs extra conditioning (addition_embed_type={extra!r}, e.g. "
+            f"SDXL's 'text_time'), which is not supported; allowed: {ADDITION_EMBED_TYPES}. "
+            "Fix: use SD 1.x/2.x, DeepFloyd IF stage I or a pixel model."
         )
     channels = unet.config.in_channels
     if latent and channels != vae.config.latent_channels:
