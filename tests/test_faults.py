@@ -259,8 +259,10 @@ def test_a_stage_that_cannot_fit_is_warned_about_or_refused_before_it_starts(tin
         return s
 
     total = psutil.virtual_memory().total
-    per_view = memory.stage_bytes(system(1).stages[0], 16, 1)  # 64² views, 16 samples a ray (smoke)
-    assert per_view == 64 * 64 * 16 * memory.BYTES_PER_SAMPLE
+    stage = system(1).stages[0]
+    per_sample = memory.probe_geometry(stage.particles[0].geometry, torch.device("cpu"))  # what a sample keeps
+    per_view = memory.stage_bytes(stage, 16, 1, per_sample)  # 64² views, 16 samples a ray (smoke)
+    assert per_view == 64 * 64 * 16 * per_sample and 256 < per_sample < 1_000_000
     with caplog.at_level("WARNING", logger="text23d"):
         memory.check(system(int(2 * total / per_view)), torch.device("cpu"))  # twice the machine: a warning
     assert "needs about" in caplog.text and "it may run out of memory" in caplog.text

@@ -1,30 +1,194 @@
-"""A stage's memory, estimated before it starts. The renders a step makes dominate where runs run
-out (ProlificDreamer's 64² → 512² switch), so the estimate counts them: volume rendering keeps every
-sample of every ray for the backward pass, the torch rasteriser every (triangle, pixel) pair near a
-pixel. Calibrated on CPU with scripts/bench.py's peak memory (sds-builtin-32 → 64: about 270 bytes a
-sample on the dense grid; raster-builtin-64 → 128: about 7.5 KB a pixel), with margin for the MLP
-geometries. It does not count the prior's own weights and activations."""
+"""A stage's peak memory, estimated and printed before the first step.
+
+peak ≈ what is in use now (the prior's weights, the 3D parameters, the runtime)
+     + what one training step adds on top:
+         renders      what the renderer keeps for the backward pass: every sample of every ray
+                      (bytes per sample probed on the stage's own geometry), or for the torch
+                      rasteriser every (triangle, pixel) pair near a pixel;
+         prior        the prior's activations: what the VAE encoder keeps for the backward pass at
+                      the prior's resolution (the SDS gradient flows through it), VSD's LoRA
+                      training pass through the whole U-Net, and the largest working set of a
+                      no-grad U-Net pass. Counted exactly at the run's shapes by running copies
+                      of the networks on the "meta" device (shapes only: no memory, milliseconds);
+         optimizer    gradients and Adam's two moments of the trainable parameters.
+The estimate is printed for every stage ("memory estimate: stage fine: about 9.8 GiB ..."); one
+above what is free is a warning before the stage starts, one above 16× the device's whole memory
+is refused. scripts/real_shapes.py compares it with the measured peak (perf/peak_mem_gb).
+"""
 from __future__ import annotations
 
+import contextlib
 import logging
 
 import torch
+import torch.nn.functional as F
+from omegaconf import ListConfig
 
 from text23d.errors import ConfigError
 
 log = logging.getLogger("text23d")
-BYTES_PER_SAMPLE = 1024      # volume rendering, forward + backward (MLP activations included)
+BYTES_PER_SAMPLE = 1024      # volume rendering, when the geometry cannot be probed (renderer + MLP)
 BYTES_PER_PIXEL_RASTER = 8192  # the pure-torch rasteriser; nvdiffrast needs far less
 ABSURD = 16                  # an estimate this many times the device's whole memory is refused
+GiB = 2**30
 
 
-def stage_bytes(stage, resolution: int, particles: int) -> int:
-    """Bytes one training step of this stage needs for its renders (all particles)."""
+def render_size(stage, resolution: int) -> tuple[int, int]:
+    """The largest (height, width) the stage renders at (a list of sizes: resolution milestones)."""
+    def largest(v):
+        return max(v) if isinstance(v, (list, tuple, ListConfig)) else v
     c = stage.cfg
-    pixels = c.batch_size * (c.height or resolution) * (c.width or resolution) * particles
+    return largest(c.height) or resolution, largest(c.width) or resolution
+
+
+def stage_bytes(stage, resolution: int, particles: int, per_sample: int | None = None) -> int:
+    """Bytes one training step of this stage needs for its renders (all particles)."""
+    height, width = render_size(stage, resolution)
+    pixels = stage.cfg.batch_size * height * width * particles
     samples = getattr(stage.renderer, "num_samples", None)
-    per_pixel = BYTES_PER_SAMPLE * samples if samples else BYTES_PER_PIXEL_RASTER
+    per_pixel = (per_sample or BYTES_PER_SAMPLE) * samples if samples else BYTES_PER_PIXEL_RASTER
     return int(pixels * per_pixel)
+
+
+def saved_bytes(fn, exclude=()) -> int:
+    """Bytes of the tensors autograd keeps for the backward pass while `fn` runs (each counted once;
+    parameters, which are in memory anyway, not at all)."""
+    skip, seen = {id(t) for t in exclude}, {}
+
+    def pack(t):
+        if id(t) not in skip:
+            seen[id(t)] = t.numel() * t.element_size()
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sum(seen.values())
+
+
+def probe_geometry(geometry, device, n: int = 4096) -> int | None:
+    """Bytes a volume sample keeps for the backward pass on this geometry (density and albedo at
+    n random points, with gradients on): the renderer's own per-sample tensors come on top."""
+    if not hasattr(geometry, "density"):
+        return None
+    try:
+        x = (torch.rand(n, 3, device=device) * 2 - 1) * 0.5
+        params = list(geometry.parameters())
+
+        def query():
+            with torch.enable_grad():
+                out = geometry.density(x)
+                albedo = getattr(geometry, "albedo", None)
+                if albedo is not None:
+                    albedo(x)
+                return out
+        return saved_bytes(query, params) // n + 256  # + alpha compositing and shading per sample
+    except Exception as err:  # a geometry that needs more than points: fall back to the constant
+        log.debug("memory: could not probe %s (%s)", type(geometry).__name__, err)
+        return None
+
+
+def _meta_copy(module, dtype):
+    """The same network on the meta device: shapes and dtypes only, no memory."""
+    import diffusers.utils.logging as dlog
+
+    level = dlog.get_verbosity()
+    dlog.set_verbosity_error()  # .to(dtype) on a fresh copy warns about modules kept in float32
+    try:
+        with torch.device("meta"):
+            return type(module).from_config(module.config).to(dtype)
+    finally:
+        dlog.set_verbosity(level)
+
+
+class _FusedAttention(torch.autograd.Function):
+    """What fused attention (flash / memory-efficient, on CPU and CUDA) keeps: q, k, v, the output
+    and a log-sum-exp per query. On meta tensors torch falls back to the math path, whose L×L
+    attention matrix the real kernels never hold."""
+
+    @staticmethod
+    def forward(ctx, q, k, v):
+        out = q.new_empty(q.shape[:-1] + v.shape[-1:])
+        ctx.save_for_backward(q, k, v, out, q.new_empty(q.shape[:-1], dtype=torch.float32))
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        q, k, v, _, _ = ctx.saved_tensors
+        return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+
+
+@contextlib.contextmanager
+def _fused_attention():
+    original = F.scaled_dot_product_attention
+    F.scaled_dot_product_attention = lambda q, k, v, *args, **kwargs: _FusedAttention.apply(q, k, v)
+    try:
+        yield
+    finally:
+        F.scaled_dot_product_attention = original
+
+
+def _peak_transient(fn) -> int:
+    """The largest single-op working set (inputs + outputs) of `fn`, run on meta tensors."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    def size(ts):
+        return sum(t.numel() * t.element_size() for t in ts if isinstance(t, torch.Tensor))
+
+    class Peak(TorchDispatchMode):
+        peak = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            flat = list(args) + list((kwargs or {}).values()) + (list(out) if isinstance(out, (tuple, list)) else [out])
+            Peak.peak = max(Peak.peak, size(flat))
+            return out
+    with Peak():
+        fn()
+    return Peak.peak
+
+
+def prior_bytes(prior, stage, height: int, width: int, particles: int) -> int:
+    """The prior's activations in one step of this stage (see the module doc)."""
+    if prior is None or not hasattr(prior.unet, "config"):
+        return 0
+    dtype, batch = prior.dtype, stage.cfg.batch_size * particles
+    guidance = stage.guidance
+    branches = 3 if getattr(guidance, "view_guidance_scale", None) is not None else 2  # cond, uncond (, plain)
+    unet = _meta_copy(prior.unet, dtype)
+    side = prior.resolution // (2 ** (len(prior.vae.config.block_out_channels) - 1) if prior.vae is not None else 1)
+    x = torch.zeros(branches * batch, prior.channels, side, side, device="meta", dtype=dtype)
+    t = torch.zeros(branches * batch, device="meta", dtype=torch.long)
+    width = unet.config.get("encoder_hid_dim") or unet.config.cross_attention_dim  # IF: T5's 4096, projected
+    emb = torch.zeros(branches * batch, 77, width, device="meta", dtype=dtype)
+    with _fused_attention():
+        return int(_prior_parts(prior, unet, guidance, x, t, emb, dtype, batch))
+
+
+def _prior_parts(prior, unet, guidance, x, t, emb, dtype, batch) -> int:
+    total = _peak_transient(lambda: unet(x, t, encoder_hidden_states=emb))
+    if prior.vae is not None:
+        vae = _meta_copy(prior.vae, dtype)
+        rgb = torch.zeros(batch, 3, prior.resolution, prior.resolution, device="meta", dtype=dtype,
+                          requires_grad=True)
+        total += saved_bytes(lambda: vae.encode(rgb).latent_dist.mean, list(vae.parameters()))
+    if hasattr(guidance, "lora_loss"):  # VSD: the LoRA's training pass, through the whole U-Net
+        xb = x[:batch].detach().requires_grad_(True)
+        total += saved_bytes(lambda: unet(xb, t[:batch], encoder_hidden_states=emb[:batch]), list(unet.parameters()))
+    return total
+
+
+def optimizer_bytes(stage) -> int:
+    """Gradients and Adam's two moments of the stage's trainable parameters (float32)."""
+    n = sum(p.numel() for p in stage.particles.parameters() if p.requires_grad)
+    return 3 * 4 * n
+
+
+def in_use(device) -> int:
+    """What the process holds now: on CUDA the allocator's tensors, on CPU the resident set."""
+    if device is not None and device.type == "cuda":
+        return torch.cuda.memory_allocated(device)
+    import psutil
+
+    return psutil.Process().memory_info().rss
 
 
 def device_memory(device) -> tuple[int, int]:
@@ -37,22 +201,42 @@ def device_memory(device) -> tuple[int, int]:
     return vm.available, vm.total
 
 
+def estimate(system, stage, device) -> dict:
+    """Bytes by part for one step of `stage` (see the module doc)."""
+    resolution = system.prior.resolution if system.prior is not None else 64
+    height, width = render_size(stage, resolution)
+    particles = len(stage.particles)
+    per_sample = probe_geometry(stage.particles[0].geometry, device) if hasattr(stage.renderer, "num_samples") else None
+    parts = {"renders": stage_bytes(stage, resolution, particles, per_sample),
+             "prior": prior_bytes(system.prior, stage, height, width, particles),
+             "optimizer": optimizer_bytes(stage)}
+    return parts
+
+
 def check(system, device) -> None:
-    """Refuse a stage whose renders cannot fit on any machine like this one; warn, before it
-    starts, about one that will not fit in what is free now."""
+    """Print every stage's estimate; refuse a stage that cannot fit on any machine like this one;
+    warn, before it starts, about one that will not fit in what is free now."""
     free, total = device_memory(device)
+    now = in_use(device)
     for stage, steps in zip(system.stages, system.stage_steps):
         if not steps:
             continue
-        need = stage_bytes(stage, system.prior.resolution, len(stage.particles))
+        parts = estimate(system, stage, device)
+        need = sum(parts.values())
         c = stage.cfg
-        size = f"{c.width or system.prior.resolution}x{c.height or system.prior.resolution}"
-        what = (f"stage {c.name}: {c.batch_size} view(s) of {size} "
-                f"needs about {need / 2**30:.1f} GiB for its renders")
+        resolution = system.prior.resolution if system.prior is not None else 64
+        height, width = render_size(stage, resolution)
+        what = f"stage {c.name}: {c.batch_size} view(s) of {width}x{height}"
+        log.info("memory estimate: stage %s: about %.2f GiB at peak (in use now %.2f; a step adds renders %.2f, "
+                 "prior activations %.2f, gradients and optimizer state %.2f) on %s with %.1f GiB free",
+                 c.name, (now + need) / GiB, now / GiB, parts["renders"] / GiB, parts["prior"] / GiB,
+                 parts["optimizer"] / GiB, device, free / GiB)
         key = f"system.stage.{c.name}" if len(system.stages) > 1 else "system"
         if need > ABSURD * total:
-            raise ConfigError(f"{what}, {need / total:.0f}× the {total / 2**30:.0f} GiB of {device}. Fix: a "
-                              f"render size the prior was made for, e.g. {key}.width=64 {key}.height=64")
+            raise ConfigError(f"{what} needs about {need / GiB:.1f} GiB a step, {need / total:.0f}× the "
+                              f"{total / GiB:.0f} GiB of {device}. Fix: a render size the prior was made for, "
+                              f"e.g. {key}.width=64 {key}.height=64")
         if need > free:
-            log.warning("%s, more than the %.1f GiB free on %s: it may run out of memory. Lower %s.width/height, "
-                        "system.batch_size or renderer.num_samples", what, free / 2**30, device, key)
+            log.warning("%s needs about %.1f GiB a step, more than the %.1f GiB free on %s: it may run out of "
+                        "memory. Lower %s.width/height, system.batch_size or renderer.num_samples",
+                        what, need / GiB, free / GiB, device, key)

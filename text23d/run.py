@@ -24,6 +24,7 @@ from text23d.checkpoint import (AtomicCheckpointIO, PeriodicCheckpoint, find_che
 from text23d.errors import CheckpointError, ConfigError, Text23dError
 from text23d.export.artifacts import export_artifacts
 from text23d.fileio import check_writable, write_text_atomic
+from text23d.perf import StepStats
 from text23d.gallery import write_run_page
 from text23d.systems import init_from
 
@@ -61,7 +62,8 @@ def run(cfg: DictConfig, overrides: list[str] | None = None, callbacks: list | N
     init_from.apply(system, source)
     watch = faults.SignalWatch().install()  # SIGTERM, SIGINT, SIGUSR1/2: stop at the next step boundary
     guard = faults.callback(watch, save=lambda tr: tr.save_checkpoint(out_dir / "ckpts" / "last.ckpt", weights_only=False))
-    trainer = build_trainer(cfg, out_dir, [guard, *(callbacks or [])], start_step, sum(system.stage_steps))
+    stats = StepStats()  # perf/step_s, perf/peak_mem_gb in the logs
+    trainer = build_trainer(cfg, out_dir, [guard, stats, *(callbacks or [])], start_step, sum(system.stage_steps))
     start = time.time()
     try:
         with warnings.catch_warnings():
