@@ -10,7 +10,7 @@ import trimesh
 from PIL import Image
 
 from helpers import Crash, compose_cfg
-from text23d.errors import CheckpointError
+from text23d.errors import CheckpointError, ConfigError
 from text23d.run import run
 
 
@@ -67,6 +67,15 @@ def test_export_texture_false_writes_vertex_colours(smoke_run):
     obj = trimesh.load(res["artifacts"]["mesh_obj"], process=False)
     assert obj.visual.kind == "vertex" and obj.visual.vertex_colors.shape[0] == len(obj.vertices)
     assert "texture_size" not in res["metrics"] and res["metrics"]["mesh_faces"] > 100
+
+
+def test_export_video_false_writes_the_grid_and_mesh_but_no_turntable(smoke_run):
+    _, out = smoke_run  # for a machine without ffmpeg (the GPU check's)
+    res = run(compose_cfg(["export.texture_size=64", f"export.ckpt={out}", "export.texture=false", "export.format=obj",
+                           "export.video=false"]))
+    assert set(res["artifacts"]) == {"grid", "mesh_obj"} and Path(res["artifacts"]["grid"]).stat().st_size > 100
+    with pytest.raises(ConfigError, match=r"export.video='no': must be true .* Fix: export.video=true"):
+        run(compose_cfg([f"export.ckpt={out}", "export.video=no"]))
 
 
 def _final_state(out: Path) -> dict:

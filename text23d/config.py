@@ -181,6 +181,9 @@ def validate(cfg: DictConfig) -> None:
     if bad:
         raise ConfigError(f"export.format={bad}: allowed are {list(MESH_FORMATS)}, "
                           "e.g. export.format=glb or export.format=[obj,glb]")
+    if not isinstance(cfg.export.get("video", True), bool):
+        raise ConfigError(f"export.video={cfg.export.video!r}: must be true (the turntable mp4) or false (no video, "
+                          "for a machine without ffmpeg). Fix: export.video=true")
     if not isinstance(cfg.export.get("texture", False), bool):
         raise ConfigError(f"export.texture={cfg.export.texture!r}: must be true (UV atlas + baked PNG) or false "
                           "(vertex colours)")

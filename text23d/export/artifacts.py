@@ -54,9 +54,13 @@ def _export_particle(system, i: int, save: Path, step: int, tag: str, stage: str
                      mesh: bool) -> tuple[dict, dict, list]:
     ex = system.cfg.export
     particle, radius = system.particles[i], system.renderer.radius
-    views = system.render_views(system.camera_sampler.orbit(ex.video_views), ex.video_resolution, particle=i)
-    frames = [to_uint8(np.concatenate([v["rgb"], v["normal"]], axis=1)) for v in views]  # rgb | normals
-    artifacts = {"video": save_video(frames, save / f"{stage}it{step:06d}{tag}-test.mp4", fps=ex.fps)}
+    video = ex.get("video", True)  # false: no turntable (a machine without ffmpeg), the 8-view grid still
+    views = system.render_views(system.camera_sampler.orbit(ex.video_views if video else 8), ex.video_resolution,
+                                particle=i)
+    artifacts = {}
+    if video:
+        frames = [to_uint8(np.concatenate([v["rgb"], v["normal"]], axis=1)) for v in views]  # rgb | normals
+        artifacts["video"] = save_video(frames, save / f"{stage}it{step:06d}{tag}-test.mp4", fps=ex.fps)
     picks = views[:: max(1, len(views) // 8)][:8]
     artifacts["grid"] = save_image(make_grid([to_uint8(v["rgb"]) for v in picks], ncol=8),
                                    save / f"{stage}it{step:06d}{tag}-test.png")
