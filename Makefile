@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup demo test test-slow bench eval-prior clean
+.PHONY: setup demo test test-slow bench real-shapes gpu-wheels gpu-check eval-prior clean
 
 setup: $(VENV)/.installed
 
@@ -44,6 +44,25 @@ test-slow: setup
 
 bench: setup
 	$(PY) scripts/bench.py
+
+# SD 2.1-base's real architecture (random weights) through the CLI on this machine: time, peak memory,
+# the printed estimate and FLOPs per step of DreamFusion, ProlificDreamer and Magic3D-fine (about 20 min on 2 cores).
+real-shapes: setup
+	$(PY) scripts/real_shapes.py --out outputs/real_shapes.json
+
+# A GPU machine without a package registry: fetch here the wheels it lacks (CPython 3.12, x86-64) into
+# .whl/, carry that folder along, and run `make gpu-check` there (no venv: the machine's own torch).
+GPU_WHEELS := diffusers==0.42.1 hydra-core==1.3.8 omegaconf==2.3.1 trimesh==5.2.0 PyMCubes==0.1.6 \
+	xatlas==0.0.11 fast-simplification==0.2.0
+GPU_PLATFORMS := $(foreach p,manylinux_2_28_x86_64 manylinux_2_17_x86_64 manylinux2014_x86_64 manylinux1_x86_64,--platform $(p))
+gpu-wheels: setup
+	$(PY) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+	  $(GPU_PLATFORMS) -d .whl $(GPU_WHEELS)
+	$(PY) -m pip wheel -q --no-deps -w .whl antlr4-python3-runtime==4.9.3  # hydra's parser: a source release only
+	@du -sh .whl
+
+gpu-check:
+	bash scripts/gpu_check.sh
 
 # The built-in prior's whole evaluation: 12 prompts x 3 seeds, judged on the exported GLB files
 # (about an hour on 2 cores); writes outputs/eval/eval.json and the model card's table.
