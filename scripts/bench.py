@@ -62,36 +62,14 @@ TEXTURE = {"texture-10k": 10_000, "texture-50k": 50_000, "texture-200k": 200_000
 CONFIGS.update({name: ("texture", [faces], False) for name, faces in TEXTURE.items()})
 CONFIGS["texture-200k-to-100k"] = ("texture", [200_000, 100_000], False)
 CONFIGS["texture-200k-decimated"] = ("texture", [200_000, 50_000], False)  # export.target_faces's default
-WORDS = "a red blue green cube sphere hamburger front side back overhead view".split()
 
 
 def build_sd21(folder: Path) -> Path:
-    """Stable Diffusion 2.1-base's shapes with random weights: 865 M-parameter UNet, OpenCLIP-H
-    text encoder (23 layers × 1024), the 4-level VAE."""
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+    """Stable Diffusion 2.1-base's architecture with random weights: one builder, real_shapes.py's."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from real_shapes import build_sd21 as build
 
-    from text23d.testing import save_model_folder
-
-    def text_encoder(tok):
-        return CLIPTextModel(CLIPTextConfig(
-            vocab_size=len(tok), hidden_size=1024, num_hidden_layers=23, num_attention_heads=16,
-            intermediate_size=4096, max_position_embeddings=77, bos_token_id=tok.bos_token_id,
-            eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, hidden_act="gelu"))
-
-    sched = DDPMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear",
-                          beta_start=0.00085, beta_end=0.012)
-    unet = UNet2DConditionModel(
-        sample_size=64, in_channels=4, out_channels=4, block_out_channels=(320, 640, 1280, 1280),
-        layers_per_block=2, cross_attention_dim=1024, attention_head_dim=(5, 10, 20, 20),
-        use_linear_projection=True,
-        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3)
-    vae = AutoencoderKL(block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4,
-                        down_block_types=("DownEncoderBlock2D",) * 4,
-                        up_block_types=("UpDecoderBlock2D",) * 4, sample_size=512)
-    return save_model_folder(folder, WORDS, text_encoder, unet.half(), sched, vae=vae.half(),
-                             model_max_length=77)
+    return build(folder)
 
 
 def bench_texture(name: str) -> dict:
