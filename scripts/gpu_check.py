@@ -49,30 +49,12 @@ def section(fn, *args):
     return out
 
 
-def matmul_peak(device: str) -> dict:
-    """The device's achievable dense TFLOP/s: a large bf16 (CUDA) or fp32 (CPU) matrix product."""
-    import torch
-
-    n, dtype = (8192, torch.bfloat16) if device == "cuda" else (1024, torch.float32)
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    for _ in range(3):
-        a @ a
-    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-    sync()
-    t = time.perf_counter()
-    for _ in range(10):
-        a @ a
-    sync()
-    return {"dtype": str(dtype).removeprefix("torch."), "n": n,
-            "tflops": round(10 * 2 * n**3 / (time.perf_counter() - t) / 1e12, 2)}
-
-
 def real_shapes_section(device: str, tiny: bool, steps: int, dtypes: list[str], models: Path, out: Path) -> dict:
     build = real_shapes.build_tiny if tiny else real_shapes.build_sd21
     sub = models / ("tiny" if tiny else "sd21base")
     model, lora = build(sub / "prior"), build(sub / "lora-v", v_prediction=True)
     flops = real_shapes.count_flops(model, lora, device, "float32" if device == "cpu" else "float16")
-    peak = matmul_peak(device)
+    peak = real_shapes.matmul_peak(device)
     runs = []
     for dtype in dtypes:
         for name in real_shapes.RUNS:

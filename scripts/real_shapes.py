@@ -134,11 +134,15 @@ def run_one(name: str, model: Path, lora: Path, steps: int, device: str, dtype: 
         return result
     result["steps"] = read_perf(run_dir)
     result["estimate"] = read_estimates(text)
-    measured = max(s["peak_mem_gb"] for s in result["steps"])
-    result["peak_mem_gb"] = measured
-    if result["estimate"]:
-        estimate = max(e["total_gb"] for e in result["estimate"])
-        result["estimate_gb"], result["estimate_error"] = estimate, round(estimate / measured - 1, 3)
+    result["peak_mem_gb"] = max(s["peak_mem_gb"] for s in result["steps"])
+    for k, e in enumerate(result["estimate"]):  # each stage's estimate against its own steps' peak
+        peaks = [s["peak_mem_gb"] for s in result["steps"] if s["stage"] in (k, None)]
+        e["measured_gb"] = max(peaks) if peaks else None
+        e["error"] = round(e["total_gb"] / e["measured_gb"] - 1, 3) if peaks else None
+    errors = [e["error"] for e in result["estimate"] if e["error"] is not None]
+    if errors:
+        result["estimate_gb"] = max(e["total_gb"] for e in result["estimate"])
+        result["estimate_error"] = max(errors, key=abs)  # the worst stage
     return result
 
 
@@ -163,11 +167,13 @@ def read_perf(run_dir: Path) -> list[dict]:
     return rows
 
 
-ESTIMATE = re.compile(r"memory estimate: stage (\S+): about ([\d.]+) GiB")
+ESTIMATE = re.compile(r"memory estimate: stage (\S+): about ([\d.]+) GiB at peak \(in use now ([\d.]+); a step adds "
+                      r"renders ([\d.]+), prior activations ([\d.]+), gradients and optimizer state ([\d.]+)\)")
 
 
 def read_estimates(text: str) -> list[dict]:
-    return [{"stage": m.group(1), "total_gb": float(m.group(2))} for m in ESTIMATE.finditer(text)]
+    keys = ("total_gb", "in_use_gb", "renders_gb", "prior_activations_gb", "optimizer_gb")
+    return [{"stage": m.group(1), **dict(zip(keys, map(float, m.groups()[1:])))} for m in ESTIMATE.finditer(text)]
 
 
 def count_flops(model: Path, lora: Path, device: str, dtype: str) -> dict:
@@ -211,6 +217,24 @@ def count_flops(model: Path, lora: Path, device: str, dtype: str) -> dict:
             "note": "vsd's LoRA term uses the conditional half only (lora_guidance_scale 1.0)"}
 
 
+def matmul_peak(device: str) -> dict:
+    """The device's achievable dense TFLOP/s: a large bf16 (CUDA) or fp32 (CPU) matrix product."""
+    import torch
+
+    n, dtype = (8192, torch.bfloat16) if device == "cuda" else (1024, torch.float32)
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    for _ in range(3):
+        a @ a
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    sync()
+    t = time.perf_counter()
+    for _ in range(10):
+        a @ a
+    sync()
+    return {"dtype": str(dtype).removeprefix("torch."), "n": n,
+            "tflops": round(10 * 2 * n**3 / (time.perf_counter() - t) / 1e12, 4)}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--only", nargs="*", choices=sorted(RUNS), help="runs to do (default: all)")
@@ -243,6 +267,13 @@ def main() -> None:
         print(json.dumps(report["runs"][-1]), file=sys.stderr)
     if not args.no_flops:
         report["flops"] = count_flops(model, lora, device, "float32" if device == "cpu" else "float16")
+        report["device_peak"] = matmul_peak(device)
+        for r in report["runs"]:
+            timed = [s["time_s"] for s in r.get("steps", []) if s["stage"] == max(x["stage"] for x in r["steps"])]
+            if timed:  # the last stage's steps (Magic3D: the fine ones)
+                median = sorted(timed)[len(timed) // 2]
+                r["achieved_tflops"] = round(report["flops"]["per_step_gflop"][r["run"]] / 1e3 / median, 4)
+                r["fraction_of_peak"] = round(r["achieved_tflops"] / report["device_peak"]["tflops"], 3)
     text = json.dumps(report, indent=2)
     print(text)
     if args.out:
