@@ -54,7 +54,8 @@ CONFIGS = {
     "magic3d-fine-sd21-512": ("sd21", ["prior.dtype=float16", "system=magic3d", "system.stage.coarse.steps=1",
                                        "system.stage.fine.steps=100"], True),
     "sds-sd21-64": ("sd21", ["geometry=grid", "prior.dtype=float16"], True),
-    "vsd-sd21-64": ("sd21", ["geometry=grid", "prior.dtype=float16", "system=vsd"], True),
+    "vsd-sd21-64": ("sd21", ["geometry=grid", "prior.dtype=float16", "system=vsd",
+                             "guidance.lora_pretrained_model_name_or_path=null"], True),  # not the hub's SD 2.1
 }
 # Textured export: unwrap (xatlas) and bake (1024², colours composited through the field as the
 # export does) of a mesh of about this many faces; "-decimated" first decimates to export.target_faces.

@@ -64,8 +64,8 @@ def real_shapes_section(device: str, tiny: bool, steps: int, dtypes: list[str], 
             if timed:
                 median = statistics.median(timed)
                 r["median_step_s"] = median
-                r["achieved_tflops"] = round(flops["per_step_gflop"][name] / 1e3 / median, 3)
-                r["fraction_of_peak"] = round(r["achieved_tflops"] / peak["tflops"], 4)
+                r["achieved_tflops"] = float(f"{flops['per_step_gflop'][name] / 1e3 / median:.4g}")
+                r["fraction_of_peak"] = float(f"{r['achieved_tflops'] / peak['tflops']:.4g}")
             r["dtype"] = dtype
             runs.append(r)
     return {"flops": flops, "device_peak": peak, "runs": runs}
@@ -154,7 +154,8 @@ def deepfloyd_section(device: str, out: Path) -> dict:
 
     folder = build_tiny_if_model(out / "if-model")
     runs = {}
-    for name, extra in (("sds", ["system=dreamfusion"]), ("vsd", ["system=vsd", "system.stages=[nerf]"])):
+    for name, extra in (("sds", ["system=dreamfusion"]),  # vsd: a LoRA on this folder, not sd21base's hub SD 2.1
+                        ("vsd", ["system=vsd", "system.stages=[nerf]", "guidance.lora_pretrained_model_name_or_path=null"])):
         r = real_shapes.run_one(name, folder, folder, 2, device, "float32", out / "if", True,
                                 extra=extra + ["prior.resolution=null"], replace=True)
         runs[name] = {k: r[k] for k in ("rc", "wall_s", "peak_mem_gb", "error") if k in r}

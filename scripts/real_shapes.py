@@ -209,11 +209,11 @@ def count_flops(model: Path, lora: Path, device: str, dtype: str) -> dict:
     lora_train = flops(lambda: base.predict_noise(x[:1], t[:1], emb[:1]).sum().backward())
     base.unet.requires_grad_(False)
     g = 1e9
-    return {"unet_cfg_pass_gflop": round(unet_cfg / g, 3), "vae_encode_fwd_bwd_gflop": round(vae / g, 3),
-            "lora_unet_train_gflop": round(lora_train / g, 3),
-            "per_step_gflop": {"sds": round((unet_cfg + vae) / g, 3),
-                               "vsd": round((unet_cfg + vae + lora_cfg / 2 + lora_train) / g, 3),
-                               "fine": round((unet_cfg + vae) / g, 3)},
+    return {"unet_cfg_pass_gflop": float(f"{unet_cfg / g:.4g}"), "vae_encode_fwd_bwd_gflop": float(f"{vae / g:.4g}"),
+            "lora_unet_train_gflop": float(f"{lora_train / g:.4g}"),
+            "per_step_gflop": {"sds": float(f"{(unet_cfg + vae) / g:.4g}"),
+                               "vsd": float(f"{(unet_cfg + vae + lora_cfg / 2 + lora_train) / g:.4g}"),
+                               "fine": float(f"{(unet_cfg + vae) / g:.4g}")},
             "note": "vsd's LoRA term uses the conditional half only (lora_guidance_scale 1.0)"}
 
 
@@ -232,7 +232,7 @@ def matmul_peak(device: str) -> dict:
         a @ a
     sync()
     return {"dtype": str(dtype).removeprefix("torch."), "n": n,
-            "tflops": round(10 * 2 * n**3 / (time.perf_counter() - t) / 1e12, 4)}
+            "tflops": float(f"{10 * 2 * n**3 / (time.perf_counter() - t) / 1e12:.4g}")}
 
 
 def main() -> None:
@@ -272,8 +272,8 @@ def main() -> None:
             timed = [s["time_s"] for s in r.get("steps", []) if s["stage"] == max(x["stage"] for x in r["steps"])]
             if timed:  # the last stage's steps (Magic3D: the fine ones)
                 median = sorted(timed)[len(timed) // 2]
-                r["achieved_tflops"] = round(report["flops"]["per_step_gflop"][r["run"]] / 1e3 / median, 4)
-                r["fraction_of_peak"] = round(r["achieved_tflops"] / report["device_peak"]["tflops"], 3)
+                r["achieved_tflops"] = float(f"{report['flops']['per_step_gflop'][r['run']] / 1e3 / median:.4g}")
+                r["fraction_of_peak"] = float(f"{r['achieved_tflops'] / report['device_peak']['tflops']:.4g}")
     text = json.dumps(report, indent=2)
     print(text)
     if args.out:

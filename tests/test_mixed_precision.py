@@ -17,7 +17,11 @@ from text23d.run import build_system, run
 def vsd_cfg(model, out, *extra):  # deliberate copy of tests/test_vsd_run.py's: stage 1 of system=vsd
     return compose_cfg(["prompt=a red cube", "system=vsd", "debug=smoke", f"prior.pretrained_model_name_or_path={model}",
                         f"output_dir={out}", "trainer.enable_progress_bar=false", "geometry=grid",
-                        "geometry.resolution=16", "system.stages=[nerf]", *extra])
+                        "geometry.resolution=16", "system.stages=[nerf]", *tiny_lora(extra), *extra])
+
+
+def tiny_lora(extra):  # a LoRA on the tiny prior itself (prior=sd21base pairs VSD with SD 2.1 from the hub)
+    return [] if "guidance=sds" in extra else ["guidance.lora_pretrained_model_name_or_path=null"]
 
 
 class Record(L.Callback):

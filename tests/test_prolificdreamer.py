@@ -16,7 +16,8 @@ from text23d.run import run
 # Small parts: a 16³ grid, 8³-cube tet grids, 16² renders on the tiny pixel model; 6 steps split
 # 25000 : 15000 : 30000 -> 2 + 1 + 3.
 SMALL = ["geometry=grid", "geometry.resolution=16", "system.stage.geometry.geometry.resolution=8",
-         "system.stage.texture.geometry.resolution=8", "export.texture_size=64"]
+         "system.stage.texture.geometry.resolution=8", "export.texture_size=64",
+         "guidance.lora_pretrained_model_name_or_path=null"]  # a LoRA on the tiny prior (sd21base pairs it with SD 2.1)
 
 
 def pd(model, out, *extra):

@@ -54,6 +54,22 @@ def test_depth_is_the_expected_termination_distance():
     assert abs(out["depth"].item() - (d - r + mean_in)) < 5e-3
 
 
+@pytest.mark.parametrize("distance", [1.0, 0.8])
+def test_a_camera_on_or_inside_the_scene_sphere_integrates_from_the_camera(distance):
+    """ProlificDreamer's cameras come as close as 1.0 at radius 1: on the bounding sphere. The ray
+    must start at the camera (not at the sphere's far side or nowhere): through a ball that fills the
+    scene, opacity is 1 − exp(−σ·(d + 1)); looking away from the centre, 1 − exp(−σ·(1 − d))."""
+    sigma = 0.5
+    renderer = VolumeRenderer(radius=1.0, num_samples=4096)
+    out = renderer(ConstantBall(sigma, 1.0), Background("solid", (0.0, 0.0, 1.0)), front_camera(distance), 1, 1)
+    assert abs(out["opacity"].item() - (1 - math.exp(-sigma * (distance + 1)))) < 2e-3
+    pos = torch.tensor([[distance, 0.0, 0.0]])
+    away = Cameras(look_at(pos, torch.tensor([[2.0, 0.0, 0.0]])), torch.tensor([0.01]), torch.zeros(1),
+                   torch.zeros(1), torch.tensor([distance]), pos.clone())
+    out = renderer(ConstantBall(sigma, 1.0), Background("solid", (0.0, 0.0, 1.0)), away, 1, 1)
+    assert abs(out["opacity"].item() - (1 - math.exp(-sigma * (1 - distance)))) < 2e-3
+
+
 def test_colour_is_composited_over_the_background():
     out = render_centre(2.0, 0.5)
     o = out["opacity"].item()

@@ -111,13 +111,16 @@ def test_interrupted_and_resumed_run_is_bit_identical(tiny_latent_model, tmp_pat
     different = [k for k in a if not torch.equal(a[k], b[k])]
     assert not different, f"differs after resume: {different}"
     # and the run really trained: weights moved away from initialisation
-    assert not torch.equal(a["stages.0.particles.0.geometry.mlp.0.weight"], run_init_weights(tiny_latent_model, tmp_path))
+    assert not torch.equal(a[GEOMETRY_WEIGHT], run_init_weights(tiny_latent_model, tmp_path))
+
+
+GEOMETRY_WEIGHT = "stages.0.particles.0.geometry.density_net.0.weight"  # the default hash grid's density MLP
 
 
 def run_init_weights(model, tmp_path):
     from text23d.run import build_system
     L.seed_everything(0, verbose=False)
-    return build_system(smoke_cfg(model, tmp_path / "init")).state_dict()["stages.0.particles.0.geometry.mlp.0.weight"]
+    return build_system(smoke_cfg(model, tmp_path / "init")).state_dict()[GEOMETRY_WEIGHT]
 
 
 def test_resume_can_extend_a_finished_run(smoke_run):

@@ -130,6 +130,24 @@ def test_timestep_sampling_range(pixel_prior):
     assert annealed.sample_timesteps(pixel_prior, 2000, annealed.max_step_at(70, 100)).max() == 500
 
 
+def test_max_t_as_a_ramp_is_threestudios_anneal(pixel_prior):
+    """max_step_percent=[5000, 0.98, 0.5, 5001] (ProlificDreamer's geometry stage): 0.98 up to stage
+    step 5,000, 0.5 from step 5,001, whatever the stage's length."""
+    sds = SDSGuidance(max_step_percent=[5000, 0.98, 0.5, 5001])
+    assert [sds.max_step_at(s, 15_000) for s in (None, 0, 5000, 5001, 14_999)] == [0.98, 0.98, 0.98, 0.5, 0.5]
+    assert sds.max_step_at(6000, 100_000) == 0.5  # steps, not a fraction of the stage
+    assert SDSGuidance(max_step_percent=[0, 0.9, 0.5, 100]).max_step_at(50, None) == pytest.approx(0.7)
+    torch.manual_seed(4)
+    assert sds.sample_timesteps(pixel_prior, 2000, sds.max_step_at(5001, None)).max() == 500
+    with pytest.raises(ConfigError, match=r"max_step_percent=\[5000, 0.98, 0.5, 5001\] is a ramp and "
+                                          r"anneal_max_step_percent=0.5 an anneal: use one"):
+        SDSGuidance(max_step_percent=[5000, 0.98, 0.5, 5001], anneal_max_step_percent=0.5)
+    with pytest.raises(ConfigError, match=r"a number or a ramp \[start_step, start_value, end_value, end_step\]"):
+        SDSGuidance(max_step_percent=[5001, 0.98, 0.5, 5000])
+    with pytest.raises(ConfigError, match=r"max_step_percent=\[0, 0.98, 1.5, 10\] is invalid"):
+        SDSGuidance(max_step_percent=[0, 0.98, 1.5, 10])
+
+
 @pytest.mark.parametrize(
     "kwargs, match",
     [

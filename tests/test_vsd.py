@@ -310,6 +310,16 @@ def test_annealing_schedule(pixel_prior):
     assert late.min() == 20 and late.max() == 500 and early.max() == 980
 
 
+def test_the_configured_anneal_is_at_step_5000_of_every_stage():
+    """conf/guidance/vsd.yaml: threestudio's ramp, so a 30,000-step texture stage anneals at 5,000 too."""
+    from hydra.utils import instantiate
+
+    from helpers import compose_cfg
+
+    vsd = instantiate(compose_cfg(["prompt=x", "system=vsd", "prior=sd15"]).guidance)
+    assert [vsd.max_step_at(s, 30_000) for s in (5000, 5001, 6000)] == [0.98, 0.5, 0.5]
+
+
 def test_vsd_needs_setup(pixel_prior):
     cond, uncond = _text(pixel_prior, 1)
     with pytest.raises(RuntimeError, match="setup"):

@@ -15,7 +15,11 @@ def vsd_cfg(model, out, *extra):
     """Stage 1 only (system.stages=[nerf]): the three stages are tests/test_prolificdreamer.py's."""
     return compose_cfg(["prompt=a red cube", "system=vsd", "debug=smoke", f"prior.pretrained_model_name_or_path={model}",
                         f"output_dir={out}", "trainer.enable_progress_bar=false", "geometry=grid",
-                        "geometry.resolution=16", "system.stages=[nerf]", *extra])
+                        "geometry.resolution=16", "system.stages=[nerf]", *tiny_lora(extra), *extra])
+
+
+def tiny_lora(extra):  # a LoRA on the tiny prior itself (prior=sd21base pairs VSD with SD 2.1 from the hub)
+    return [] if "guidance=sds" in extra else ["guidance.lora_pretrained_model_name_or_path=null"]
 
 
 def test_two_particles_are_exported_separately_and_differ(tiny_pixel_model, tmp_path):

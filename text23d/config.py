@@ -99,13 +99,25 @@ def _check_text(cfg: DictConfig, key: str) -> None:
     check_printable(value, key, key)
 
 
+def _sizes(value) -> list | None:
+    """A render width or height as a list: one size per span of resolution_milestones; None: one size."""
+    return list(value) if isinstance(value, (ListConfig, list, tuple)) else None
+
+
 def _check_render_size(node, where: str, required: bool) -> None:
-    """Render width and height (and cameras per step): integers, and not so large that one view
-    cannot be held in memory."""
+    """Render width and height (and cameras per step): integers, or lists of them (one per span of
+    resolution_milestones), and not so large that one view cannot be held in memory."""
     for key, minimum in (("width", 4), ("height", 4), ("batch_size", 1)):
-        if required or node.get(key) is not None:
+        sizes = _sizes(node.get(key)) if key != "batch_size" else None
+        if sizes is not None:
+            if not sizes:
+                raise ConfigError(f"{where}.{key}=[]: give a size, or one per span of resolution_milestones. "
+                                  f"Fix: e.g. {where}.{key}=64 or {where}.{key}=[64,512]")
+            for i, size in enumerate(sizes):
+                _positive_int(size, f"{where}.{key}[{i}]", minimum)
+        elif required or node.get(key) is not None:
             _positive_int(node.get(key), f"{where}.{key}", minimum)
-    w, h = node.get("width"), node.get("height")
+    w, h = (max(_sizes(v)) if _sizes(v) else v for v in (node.get("width"), node.get("height")))
     too_big = [(k, v) for k, v in (("width", w), ("height", h)) if v is not None and v > RENDER_MAX]
     if too_big:
         key, side = too_big[0]
@@ -113,6 +125,26 @@ def _check_render_size(node, where: str, required: bool) -> None:
                   "float32, rendering it many times that)") if w and h else ""  # null: the prior's resolution
         raise ConfigError(f"{where}.{key}={side}: a training render is at most {RENDER_MAX} pixels a side{memory}. "
                           f"Fix: e.g. {where}.width=64 {where}.height=64 (renders are resized to the prior's resolution)")
+
+
+def check_render_schedule(node, where: str) -> None:
+    """A stage's resolution_milestones (stage-local steps, increasing) and its width and height: each
+    a size, or a list of len(milestones) + 1 sizes, one before the first milestone and one after each
+    (threestudio's width [64, 512], resolution_milestones [5000]). `node`: a stage's merged settings."""
+    milestones = node.get("resolution_milestones")
+    steps = _sizes(milestones) if milestones is not None else []
+    if steps is None or not all(isinstance(m, int) and not isinstance(m, bool) and m >= 1 for m in steps) \
+            or steps != sorted(set(steps)):
+        raise ConfigError(f"{where}.resolution_milestones={milestones!r}: stage-local steps at which the render size "
+                          "moves to the next entry of width and height, integers ≥ 1 in increasing order. Fix: e.g. "
+                          f"{where}.resolution_milestones=[5000] with {where}.width=[64,512] {where}.height=[64,512]")
+    for key in ("width", "height"):
+        sizes = _sizes(node.get(key))
+        if sizes is not None and len(sizes) != len(steps) + 1:
+            raise ConfigError(f"{where}.{key}={sizes} with resolution_milestones={steps}: a list of sizes needs "
+                              f"{len(steps) + 1} (one before the first milestone and one after each), not {len(sizes)}. "
+                              f"Fix: e.g. {where}.{key}=[64,512] {where}.resolution_milestones=[5000], or one size: "
+                              f"{where}.{key}={sizes[-1]}")
 
 
 def _check_optimizer(opt, where: str) -> None:
@@ -170,6 +202,7 @@ def validate(cfg: DictConfig) -> None:
     _positive_int(cfg.checkpoint.every_n_train_steps, "checkpoint.every_n_train_steps", 0)
     _positive_int(cfg.validation.every_n_steps, "validation.every_n_steps", 0)
     _check_render_size(cfg.system, "system", required=True)
+    check_render_schedule(cfg.system, "system")  # a stage's own milestones: checked when it is merged (stages.py)
     _check_optimizer(cfg.system.get("optimizer"), "system.optimizer")
     _check_loss(cfg.system.get("loss"), "system.loss")
     for name, stage in (cfg.system.get("stage") or {}).items():

@@ -129,6 +129,7 @@ def build_trainer(cfg: DictConfig, out_dir: Path, callbacks: list, start_step: i
                CSVLogger(out_dir / "logs", name="csv", version=f"resumed-{start_step}" if start_step else "")]
     options = {**OmegaConf.to_container(cfg.trainer, resolve=True), "max_steps": total_steps}  # all stages
     options["strategy"] = ddp_strategy(cfg)
+    options["precision"] = trainer_precision(options)
     trainer = L.Trainer(**options, deterministic=cfg.deterministic,
                         default_root_dir=out_dir, logger=loggers, callbacks=[ckpt, *bar, *callbacks],
                         plugins=[AtomicCheckpointIO()], enable_checkpointing=False,
@@ -136,6 +137,25 @@ def build_trainer(cfg: DictConfig, out_dir: Path, callbacks: list, start_step: i
                         use_distributed_sampler=False)  # every DDP rank runs every step
     _check_ddp_outside_sweeps(trainer, cfg.trainer)
     return trainer
+
+
+def trainer_precision(options: dict) -> str:
+    """`trainer.precision` as this machine runs it. 16-mixed (fp16 autocast with a GradScaler,
+    threestudio's for DreamFusion and Magic3D, the default) needs CUDA: on a CPU Lightning would
+    switch to bf16-mixed by itself, whose results differ from float32's in every step and which most
+    CPUs run no faster, so a CPU run uses 32-true (tests and scripts run SD-shaped models on CPU)."""
+    precision, accelerator = str(options.get("precision", "32-true")), options.get("accelerator", "auto")
+    if precision not in ("16-mixed", "16"):
+        return precision
+    from lightning.pytorch.accelerators import CUDAAccelerator, MPSAccelerator
+
+    gpu = CUDAAccelerator.is_available() or MPSAccelerator.is_available()
+    if accelerator == "cpu" or (accelerator in ("auto", "gpu") and not gpu):
+        log.info("trainer.precision=%s runs fp16 autocast on CUDA only; this run is on the CPU, so it uses 32-true "
+                 "(Lightning would pick bf16-mixed, which changes the results and is rarely faster on a CPU)",
+                 precision)
+        return "32-true"
+    return precision
 
 
 def ddp_strategy(cfg: DictConfig) -> str:

@@ -13,10 +13,41 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from omegaconf import ListConfig
+
 from text23d.errors import ConfigError
 from text23d.guidance.cfg import check_view_scale, guided_noise
 
 WEIGHTINGS = ("sds", "uniform")
+
+
+def max_step_ramp(max_step_percent, min_step_percent: float) -> tuple[float, tuple | None]:
+    """max_step_percent as (its value at the first step, the ramp or None). A ramp [start_step,
+    start_value, end_value, end_step] goes linearly from one value to the other over stage-local steps
+    (threestudio's [5000, 0.98, 0.5, 5001]: 0.98, then 0.5 after 5,000 steps). Also used by vsd.py."""
+    ramp = None
+    if isinstance(max_step_percent, (list, tuple, ListConfig)):
+        ramp = tuple(max_step_percent)
+        ok = len(ramp) == 4 and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in ramp)
+        if not ok or not 0 <= ramp[0] <= ramp[3]:
+            raise ConfigError(f"max_step_percent={list(ramp)}: a number or a ramp [start_step, start_value, end_value, "
+                              "end_step] with 0 ≤ start_step ≤ end_step. Fix: e.g. max_step_percent=[5000,0.98,0.5,5001]")
+    for value in (ramp[1:3] if ramp else (max_step_percent,)):
+        if not 0 < min_step_percent < value <= 1:
+            raise ConfigError(
+                f"timestep range min_step_percent={min_step_percent}, max_step_percent={list(ramp) if ramp else value} "
+                "is invalid: need 0 < min < max <= 1. Fix: e.g. min_step_percent=0.02, max_step_percent=0.98"
+            )
+    return float(ramp[1] if ramp else max_step_percent), ramp
+
+
+def ramp_at(ramp: tuple, step: int) -> float:
+    """The ramp's value at `step` (a deliberate copy of systems/losses.scheduled: guidance stays a leaf)."""
+    start_step, start_value, end_value, end_step = ramp
+    if end_step <= start_step:
+        return float(end_value if step >= end_step else start_value)
+    frac = min(max((step - start_step) / (end_step - start_step), 0.0), 1.0)
+    return float(start_value + frac * (end_value - start_value))
 
 
 class SDSGuidance:
@@ -43,11 +74,10 @@ class SDSGuidance:
             raise ConfigError(f"weighting={weighting!r} is not supported: use one of {WEIGHTINGS}.")
         if grad_clip is not None and not grad_clip > 0:
             raise ConfigError(f"grad_clip={grad_clip} must be > 0, or null to disable clipping.")
-        if not 0 < min_step_percent < max_step_percent <= 1:
-            raise ConfigError(
-                f"timestep range min_step_percent={min_step_percent}, max_step_percent={max_step_percent} "
-                "is invalid: need 0 < min < max <= 1. Fix: e.g. min_step_percent=0.02, max_step_percent=0.98"
-            )
+        start, self.max_step_ramp = max_step_ramp(max_step_percent, min_step_percent)
+        if self.max_step_ramp is not None and anneal_max_step_percent is not None:
+            raise ConfigError(f"max_step_percent={list(self.max_step_ramp)} is a ramp and anneal_max_step_percent="
+                              f"{anneal_max_step_percent} an anneal: use one. Fix: anneal_max_step_percent=null")
         self.guidance_scale = float(guidance_scale)
         self.weighting = weighting
         self.grad_clip = grad_clip
@@ -60,13 +90,16 @@ class SDSGuidance:
             raise ConfigError(f"anneal_at_fraction={anneal_at_fraction} must be in [0, 1] (a fraction of the stage's steps)")
         self.view_guidance_scale = check_view_scale(view_guidance_scale)
         self.min_step_percent = float(min_step_percent)
-        self.max_step_percent = float(max_step_percent)
+        self.max_step_percent = start  # a ramp's first value
         self.anneal_max_step_percent = anneal_max_step_percent
         self.anneal_at_fraction = float(anneal_at_fraction)
 
     def max_step_at(self, step: int | None, max_steps: int | None) -> float:
-        """max t as a fraction of T: max_step_percent, then anneal_max_step_percent once step ≥
-        anneal_at_fraction · max_steps (late steps at lower noise refine what the early ones shaped)."""
+        """max t as a fraction of T at stage-local `step`: the ramp's value, or max_step_percent, then
+        anneal_max_step_percent once step ≥ anneal_at_fraction · max_steps (late steps at lower noise
+        refine what the early ones shaped)."""
+        if self.max_step_ramp is not None:
+            return self.max_step_percent if step is None else ramp_at(self.max_step_ramp, step)
         if self.anneal_max_step_percent is None or step is None or max_steps is None:
             return self.max_step_percent
         return self.anneal_max_step_percent if step >= self.anneal_at_fraction * max_steps else self.max_step_percent

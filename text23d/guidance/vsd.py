@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from text23d.errors import ConfigError
 from text23d.guidance.cfg import check_view_scale, guided_noise
 from text23d.guidance.lora import CameraLoRAUNet
+from text23d.guidance.sds import max_step_ramp, ramp_at
 
 WEIGHTINGS = ("sds", "uniform")
 
@@ -91,8 +92,10 @@ class VSDGuidance:
         self.weighting = weighting
         self.grad_clip = grad_clip
         self.min_step_percent = float(min_step_percent)
-        self._check_step_range(max_step_percent, "max_step_percent")
-        self.max_step_percent = float(max_step_percent)
+        self.max_step_percent, self.max_step_ramp = max_step_ramp(max_step_percent, self.min_step_percent)
+        if self.max_step_ramp is not None and anneal_max_step_percent is not None:
+            raise ConfigError(f"max_step_percent={list(self.max_step_ramp)} is a ramp and anneal_max_step_percent="
+                              f"{anneal_max_step_percent} an anneal: use one. Fix: anneal_max_step_percent=null")
         if anneal_max_step_percent is not None:
             self._check_step_range(anneal_max_step_percent, "anneal_max_step_percent")
             anneal_max_step_percent = float(anneal_max_step_percent)
@@ -151,8 +154,11 @@ class VSDGuidance:
     # --- timesteps ----------------------------------------------------------------------------
 
     def max_step_at(self, step: int | None, max_steps: int | None) -> float:
-        """max t as a fraction of T: max_step_percent, then anneal_max_step_percent once
-        step >= anneal_at_fraction · max_steps (ProlificDreamer: 0.98 → 0.5 after 5k of 25k steps)."""
+        """max t as a fraction of T at stage-local `step`: the ramp's value (threestudio's
+        [5000, 0.98, 0.5, 5001] in every VSD stage), or max_step_percent, then anneal_max_step_percent
+        once step >= anneal_at_fraction · max_steps."""
+        if self.max_step_ramp is not None:
+            return self.max_step_percent if step is None else ramp_at(self.max_step_ramp, step)
         if self.anneal_max_step_percent is None or step is None or max_steps is None:
             return self.max_step_percent
         if step >= self.anneal_at_fraction * max_steps:

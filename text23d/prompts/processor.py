@@ -29,6 +29,23 @@ DIRECTIONS = ("front", "side", "back", "overhead")  # view_sectors=4: DreamFusio
 DIRECTIONS_8 = ("front", "front right", "right", "back right", "back", "back left", "left", "front left", "overhead")
 
 
+VIEW_THRESHOLDS = ("front_threshold", "back_threshold", "overhead_threshold")  # a stage may set its own
+
+
+def check_thresholds(front_threshold: float, back_threshold: float, overhead_threshold: float,
+                     where: str = "system.prompt_processor") -> None:
+    if not (0 <= front_threshold and 0 <= back_threshold and front_threshold + back_threshold <= 180):
+        raise ConfigError(
+            f"{where}: front_threshold={front_threshold}, back_threshold={back_threshold} are invalid: each "
+            f"must be >= 0 and their sum <= 180 degrees. Fix: {where}.front_threshold=45 {where}.back_threshold=45"
+        )
+    if not 0 <= overhead_threshold <= 90:
+        raise ConfigError(
+            f"{where}: overhead_threshold={overhead_threshold} must be within [0, 90] degrees of elevation. "
+            f"Fix: {where}.overhead_threshold=60"
+        )
+
+
 def directions_of(view_sectors: int) -> tuple[str, ...]:
     return DIRECTIONS if view_sectors == 4 else DIRECTIONS_8
 # A prior folder may list the only words it was trained on (the built-in prior does); see
@@ -66,19 +83,10 @@ class PromptProcessor:
     ):
         if not isinstance(prompt, str) or not prompt.strip():
             raise ConfigError(f'prompt is empty ({prompt!r}): pass prompt="a hamburger"')
-        if not (0 <= front_threshold and 0 <= back_threshold and front_threshold + back_threshold <= 180):
-            raise ConfigError(
-                f"front_threshold={front_threshold}, back_threshold={back_threshold} are invalid: each "
-                "must be >= 0 and their sum <= 180 degrees. Fix: front_threshold=45, back_threshold=45"
-            )
+        check_thresholds(front_threshold, back_threshold, overhead_threshold)
         if view_sectors not in (4, 8):
             raise ConfigError(f"view_sectors={view_sectors!r}: use 4 (front/side/back, DreamFusion's) or 8 "
                               "(a word per 45° of azimuth). Fix: system.prompt_processor.view_sectors=4")
-        if not 0 <= overhead_threshold <= 90:
-            raise ConfigError(
-                f"overhead_threshold={overhead_threshold} must be within [0, 90] degrees of elevation. "
-                "Fix: overhead_threshold=60"
-            )
         self.prompt = prompt.strip()
         self.negative_prompt = (negative_prompt or "").strip()
         # What the text encoder reads: the prompts, with a vocabulary's aliases applied (prepare).
@@ -95,14 +103,16 @@ class PromptProcessor:
 
     # --- which prompt for which camera ------------------------------------------------------
 
-    def directions(self, elevation_deg, azimuth_deg) -> list[str]:
-        """One of self.views per camera; azimuth 0 is the front, angles in degrees."""
-        return [self.views[i] for i in self._direction_ids(elevation_deg, azimuth_deg).tolist()]
+    def directions(self, elevation_deg, azimuth_deg, **thresholds) -> list[str]:
+        """One of self.views per camera; azimuth 0 is the front, angles in degrees. `thresholds`
+        (front_threshold, back_threshold, overhead_threshold): a stage's own, else the processor's."""
+        return [self.views[i] for i in self._direction_ids(elevation_deg, azimuth_deg, **thresholds).tolist()]
 
     def prompts_for(self, elevation_deg, azimuth_deg) -> list[str]:
         return [self._texts()[i] for i in self._direction_ids(elevation_deg, azimuth_deg).tolist()]
 
-    def _direction_ids(self, elevation_deg, azimuth_deg) -> torch.Tensor:
+    def _direction_ids(self, elevation_deg, azimuth_deg, front_threshold=None, back_threshold=None,
+                       overhead_threshold=None) -> torch.Tensor:
         elevation = torch.as_tensor(elevation_deg, dtype=torch.float32).reshape(-1).cpu()  # (B,)
         azimuth = torch.as_tensor(azimuth_deg, dtype=torch.float32).reshape(-1).cpu()  # (B,)
         if elevation.shape != azimuth.shape:
@@ -113,10 +123,13 @@ class PromptProcessor:
         if self.view_sectors == 8:  # sector k is centred on k·45°: (k·45 − 22.5, k·45 + 22.5]
             ids = torch.remainder(torch.ceil((azimuth - 22.5) / 45.0), 8).long()
         else:
+            front = self.front_threshold if front_threshold is None else front_threshold
+            back = self.back_threshold if back_threshold is None else back_threshold
             ids = torch.ones_like(azimuth, dtype=torch.long)  # side unless front/back below
-            ids[azimuth.abs() <= self.front_threshold] = 0
-            ids[azimuth.abs() >= 180.0 - self.back_threshold] = 2
-        ids[elevation > self.overhead_threshold] = len(self.views) - 1  # looking down: the azimuth says little
+            ids[azimuth.abs() <= front] = 0
+            ids[azimuth.abs() >= 180.0 - back] = 2
+        overhead = self.overhead_threshold if overhead_threshold is None else overhead_threshold
+        ids[elevation > overhead] = len(self.views) - 1  # looking down: the azimuth says little
         return ids
 
     def _texts(self) -> list[str]:
@@ -167,11 +180,12 @@ class PromptProcessor:
         self._uncond = found[self._encoded_negative][None]  # (1, L, D)
         self._plain = found[self._encoded_prompt][None]  # (1, L, D): the prompt with no view words
 
-    def __call__(self, elevation_deg, azimuth_deg) -> tuple[torch.Tensor, torch.Tensor]:
-        """Conditional and unconditional embeddings, each (B, L, D), for B cameras."""
+    def __call__(self, elevation_deg, azimuth_deg, **thresholds) -> tuple[torch.Tensor, torch.Tensor]:
+        """Conditional and unconditional embeddings, each (B, L, D), for B cameras; `thresholds` as
+        in `directions` (ProlificDreamer's stages use 30° or 45° front and back sectors)."""
         if self._cond is None:
             raise RuntimeError("PromptProcessor.prepare(prior) must be called before use")
-        ids = self._direction_ids(elevation_deg, azimuth_deg).to(self._cond.device)
+        ids = self._direction_ids(elevation_deg, azimuth_deg, **thresholds).to(self._cond.device)
         cond = self._cond[ids]  # (B, L, D)
         return cond, self._uncond.expand(len(ids), -1, -1)
 

@@ -22,7 +22,7 @@ from text23d import faults
 from text23d.errors import ConfigError, Text23dError
 from text23d.export.video import make_grid, save_image, to_uint8
 from text23d.systems import losses, parts
-from text23d.systems.stages import Particle, Stage, allocate_steps, stage_configs, start_from
+from text23d.systems.stages import Particle, Stage, allocate_steps, render_size, stage_configs, start_from
 
 log = logging.getLogger("text23d")
 
@@ -306,10 +306,11 @@ class BaseSystem(L.LightningModule):
             particle.occupancy.update(particle.geometry.density, step, stage.renderer.sample_spacing)
         cams = stage.camera_sampler.sample(c.batch_size).to(self.device)
         shading = self.sample_shading(c.shading, step)
-        height, width = c.height or self.prior.resolution, c.width or self.prior.resolution  # null: the prior's
+        height, width = render_size(c, step, self.prior.resolution)  # null: the prior's; lists: milestones
         out = stage.renderer(particle.geometry, particle.background, cams, height, width, shading=shading,
                              need_normals=lam.get("orient", 0.0) > 0, jitter=True, occupancy=particle.occupancy)
-        cond, uncond = self.prompt_processor(cams.elevation, cams.azimuth)
+        # The stage's own view thresholds (ProlificDreamer: 30° sectors, 45° in its geometry stage).
+        cond, uncond = self.prompt_processor(cams.elevation, cams.azimuth, **c.prompt_processor)
         guide = self.guide(stage, out["comp_rgb"], cond, uncond, cams, step)
         [key] = [name for name in guide if name.startswith("loss_")]  # loss_sds, loss_vsd
         name = key.removeprefix("loss_")

@@ -75,9 +75,10 @@ def apply(system, loaded: dict | None) -> None:
     if loaded is None:
         return
     stage = system.stages[loaded["stage"]]
-    missing, unexpected = stage.particles.load_state_dict(loaded["state"], strict=False)
-    missing = [k for k in missing if ".occupancy." not in k]  # a renderer's skipping grid starts afresh
-    unexpected = [k for k in unexpected if ".occupancy." not in k]
+    # A renderer's skipping grid starts afresh (its size may differ: renderer.occupancy.resolution).
+    state = {k: v for k, v in loaded["state"].items() if ".occupancy." not in k}
+    missing, unexpected = stage.particles.load_state_dict(state, strict=False)
+    missing = [k for k in missing if ".occupancy." not in k]
     if missing or unexpected:
         raise ConfigError(f"init_from={loaded['from']}: its weights do not fit stage {stage.cfg.name} "
                           f"({len(missing)} missing, e.g. {missing[:2]}; {len(unexpected)} unexpected, e.g. "

@@ -6,24 +6,32 @@ from the system-level settings: steps, geometry, renderer, width, height, batch_
 `init` (how it starts: `blob`, the geometry's own initial state, or `previous`, from the stage
 before), `freeze` (parameters it keeps as they are) and `lora` (VSD: `carry` the shared LoRA on, or
 `reset` it to its initial weights when the stage starts). A stage without a geometry or renderer of its own uses the top-level `geometry` and
-`renderer` groups. Step-dependent schedules count stage-local steps.
+`renderer` groups. Step-dependent schedules count stage-local steps, and so do `resolution_milestones`:
+`width: [64, 512]` with milestones `[5000]` renders 64² for steps 0-4,999 of the stage, 512² from step
+5,000 (threestudio's spelling). A stage's `prompt_processor` sets its own view thresholds, and its
+`optimizer.param_groups` replace the system's (they name the stage's own parameters).
 """
 from __future__ import annotations
 
+import bisect
 import copy
 import logging
 
 import torch
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from torch import nn
 
+from text23d.config import check_render_schedule
 from text23d.errors import ConfigError
+from text23d.prompts.processor import VIEW_THRESHOLDS, check_thresholds
 
 log = logging.getLogger("text23d")
-STAGE_KEYS = ("steps", "geometry", "renderer", "width", "height", "batch_size", "optimizer", "loss", "shading",
-              "guidance", "camera", "init", "background", "done", "freeze", "lora")
+STAGE_KEYS = ("steps", "geometry", "renderer", "width", "height", "resolution_milestones", "batch_size", "optimizer",
+              "loss", "shading", "guidance", "camera", "init", "background", "done", "freeze", "lora",
+              "prompt_processor")
 SYSTEM_DEFAULTS = ("width", "height", "batch_size", "optimizer", "loss", "shading", "background")
+MERGED = ("guidance", "camera", "loss", "shading", "optimizer", "prompt_processor")  # a stage changes some keys
 INITS = ("blob", "previous")
 LORA = ("carry", "reset")  # a VSD stage's LoRA: as the stage before left it, or as it was built
 
@@ -45,18 +53,32 @@ def stage_configs(cfg: DictConfig) -> list[DictConfig]:
         if bad:
             raise ConfigError(f"system.stage.{name} has unknown keys {bad}; allowed: {list(STAGE_KEYS)}")
         merged = {key: s[key] for key in SYSTEM_DEFAULTS}
+        views = s.get("prompt_processor") or {}
         merged.update({"name": name, "steps": None, "geometry": cfg.geometry, "renderer": cfg.renderer,
                        "guidance": cfg.guidance, "camera": cfg.camera, "init": "previous" if k else "blob",
-                       "done": False, "freeze": [], "lora": "carry"})  # done: made elsewhere (init_from), 0 steps here
+                       "done": False, "freeze": [], "lora": "carry",  # done: made elsewhere (init_from), 0 steps here
+                       "resolution_milestones": s.get("resolution_milestones") or [],
+                       "prompt_processor": OmegaConf.create({key: views[key] for key in VIEW_THRESHOLDS if key in views})})
+        bad = [key for key in (own.get("prompt_processor") or {}) if key not in VIEW_THRESHOLDS]
+        if bad:
+            raise ConfigError(f"system.stage.{name}.prompt_processor has keys {bad}: a stage sets only its view "
+                              f"thresholds {list(VIEW_THRESHOLDS)}; the rest is the system's (system.prompt_processor)")
         for key, value in own.items():
             if key == "guidance" and value is not None and value.get("_target_") not in (None, merged[key]._target_):
                 merged[key] = value  # another kind of guidance (SDS in a VSD system): its own settings only
-            elif key in ("guidance", "camera", "loss", "shading", "optimizer") and value is not None:
+            elif key in MERGED and value is not None:
                 # changes on top of the system's (a stage may add loss terms the system lacks)
                 base = OmegaConf.create(OmegaConf.to_container(merged[key], resolve=True))
                 merged[key] = OmegaConf.merge(base, value)
+                if key == "optimizer" and "param_groups" in value:  # they name this stage's parameters
+                    merged[key].param_groups = value.param_groups
             else:
                 merged[key] = value
+        where = f"system.stage.{name}" if name in library else "system"
+        check_render_schedule(merged, where)
+        pp = merged["prompt_processor"]
+        check_thresholds(pp.get("front_threshold", 45.0), pp.get("back_threshold", 45.0),
+                         pp.get("overhead_threshold", 60.0), f"{where}.prompt_processor")
         if merged["init"] not in INITS or (k == 0 and merged["init"] == "previous"):
             raise ConfigError(f"system.stage.{name}.init={merged['init']!r}: allowed are {list(INITS)} "
                               "('previous' only after a first stage)")
@@ -65,6 +87,24 @@ def stage_configs(cfg: DictConfig) -> list[DictConfig]:
                               f"as the stages before left it, or re-initialised). Fix: system.stage.{name}.lora=carry")
         out.append(OmegaConf.create(merged))
     return out
+
+
+def render_size(stage_cfg: DictConfig, step: int, native: int) -> tuple[int, int]:
+    """(height, width) of the stage's renders at stage-local `step`: its size, or, for a list, the
+    entry of the span of `resolution_milestones` the step is in (checked in stage_configs); null is
+    the prior's own resolution `native`. Only the step decides, so a resumed run renders alike."""
+    span = bisect.bisect_right(list(stage_cfg.get("resolution_milestones") or []), step)
+
+    def at(size):
+        return (size[span] if isinstance(size, (list, tuple, ListConfig)) else size) or native
+
+    return at(stage_cfg.height), at(stage_cfg.width)
+
+
+def group_of(name: str, groups) -> str | None:
+    """The optimizer.param_groups prefix that sets parameter `name`'s options (as in geometry.sdf):
+    the longest prefix that is the name or ends at one of its dots; None: the optimizer's own."""
+    return max((g for g in groups if name == g or name.startswith(g + ".")), key=len, default=None)
 
 
 def allocate_steps(cfg: DictConfig, stages: list[DictConfig]) -> list[int]:
@@ -158,14 +198,22 @@ class Stage(nn.Module):
         for name, p in self.particles.named_parameters():
             if not p.requires_grad:  # frozen for this stage
                 continue
-            local = name.split(".", 1)[1]  # drop the particle index
-            match = max((g for g in groups if local == g or local.startswith(g + ".")), key=len, default=None)
+            match = group_of(name.split(".", 1)[1], groups)  # the name without the particle index
             (buckets[match] if match is not None else rest).append(p)
         modules = {name.split(".", 1)[1] for name, _ in self.particles.named_modules() if "." in name}
-        unused = [g for g, ps in buckets.items() if not ps and g not in modules]  # a typo, not a solid background
+        looks_like = sorted({n.split(".", 1)[1].rsplit(".", 1)[0] for n, _ in self.particles.named_parameters()})
+        unused = [g for g, ps in buckets.items() if not ps and g not in modules]  # not a solid background either
+        # A group for a part another kind of geometry has (ProlificDreamer's hash-grid MLPs, with
+        # geometry=grid): its settings do not apply here, which is said; a typo of a part is refused.
+        other_kind = [g for g in unused if "." in g and g.rsplit(".", 1)[0] in modules]
+        if other_kind:
+            log.warning("stage %s: optimizer.param_groups %s name parts its %s does not have (its parameters: %s); "
+                        "those groups are unused, every parameter of that part takes the optimizer's own settings",
+                        self.cfg.name, other_kind, type(self.particles[0].geometry).__name__, looks_like[:6])
+        unused = [g for g in unused if g not in other_kind]
         if unused:
             raise ConfigError(f"system.stage.{self.cfg.name}.optimizer.param_groups {unused} match no parameter; "
-                              f"they look like: {sorted({n.split('.', 1)[1].rsplit('.', 1)[0] for n, _ in self.particles.named_parameters()})[:6]}")
+                              f"they look like: {looks_like[:6]}")
         param_groups = [{"params": rest}] if rest else []
         param_groups += [{"params": ps, **groups[g]} for g, ps in buckets.items() if ps]
         return instantiate(params)(param_groups)
@@ -175,7 +223,8 @@ class Stage(nn.Module):
 def start_from(stage: Stage, previous: Stage, cams, radius: float) -> dict:
     """Initialise `stage`'s particles from `previous`'s: a mesh geometry from the density field, at
     the level export would choose, with the colour field carried over; a geometry of the same kind
-    by copying it. The backgrounds carry over too."""
+    by copying it. A background carries over when it is of the same kind (a learned one after a
+    solid one starts afresh, as in threestudio's separate texture run)."""
     from text23d.export.threshold import auto_threshold
 
     info = {}
@@ -192,6 +241,7 @@ def start_from(stage: Stage, previous: Stage, cams, radius: float) -> dict:
             raise ConfigError(f"stage {stage.cfg.name} cannot start from stage {previous.cfg.name}: "
                               f"{type(new.geometry).__name__} from {type(old.geometry).__name__}. Fix: "
                               f"system.stage.{stage.cfg.name}.init=blob, or a geometry of the same kind")
-        if type(new.background) is type(old.background):
-            new.background.load_state_dict(old.background.state_dict())
+        old_bg = old.background.state_dict()
+        if type(new.background) is type(old.background) and old_bg.keys() == new.background.state_dict().keys():
+            new.background.load_state_dict(old_bg)  # not after a solid one (ProlificDreamer's geometry stage)
     return info
