@@ -205,9 +205,10 @@ def count_flops(model: Path, lora: Path, device: str, dtype: str) -> dict:
         lora_cfg = flops(lambda: base.predict_noise(x, t, emb))
     rgb = torch.rand(1, 3, prior.resolution, prior.resolution, device=device, requires_grad=True)
     vae = flops(lambda: prior.images_to_model_space(rgb).sum().backward())
-    base.unet.requires_grad_(True)  # the LoRA's forward + backward costs what the full U-Net's does, for activations
-    lora_train = flops(lambda: base.predict_noise(x[:1], t[:1], emb[:1]).sum().backward())
-    base.unet.requires_grad_(False)
+    # The LoRA's training pass: forward, and backward through every layer's activations (its own
+    # weights are a few MB; the frozen ones get no gradient), as a gradient w.r.t. the input costs.
+    xg = x[:1].clone().requires_grad_(True)
+    lora_train = flops(lambda: base.predict_noise(xg, t[:1], emb[:1]).sum().backward())
     g = 1e9
     return {"unet_cfg_pass_gflop": float(f"{unet_cfg / g:.4g}"), "vae_encode_fwd_bwd_gflop": float(f"{vae / g:.4g}"),
             "lora_unet_train_gflop": float(f"{lora_train / g:.4g}"),
