@@ -259,10 +259,8 @@ def test_a_stage_that_cannot_fit_is_warned_about_or_refused_before_it_starts(tin
         return s
 
     total = psutil.virtual_memory().total
-    stage = system(1).stages[0]
-    per_sample = memory.probe_geometry(stage.particles[0].geometry, torch.device("cpu"))  # what a sample keeps
-    per_view = memory.stage_bytes(stage, 16, 1, per_sample)  # 64² views, 16 samples a ray (smoke)
-    assert per_view == 64 * 64 * 16 * per_sample and 256 < per_sample < 1_000_000
+    per_view = memory.probe_renders(system(1).stages[0], torch.device("cpu"), 64, 64)  # what one 64² view keeps
+    assert 64 * 64 * 16 * 16 < per_view < 64 * 64 * 16 * 100_000  # 16 samples a ray (smoke), 16 B to 100 kB each
     with caplog.at_level("WARNING", logger="text23d"):
         memory.check(system(int(2 * total / per_view)), torch.device("cpu"))  # twice the machine: a warning
     assert "needs about" in caplog.text and "it may run out of memory" in caplog.text

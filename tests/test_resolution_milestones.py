@@ -75,3 +75,16 @@ def test_the_size_changes_at_its_milestone_and_a_resumed_run_renders_alike(tiny_
     resumed = Sizes()
     summary = run(compose_cfg([f"resume={out}"]), overrides=[f"resume={out}"], callbacks=[resumed])
     assert summary["steps"] == 4 and resumed.at == {2: (20, 24), 3: (20, 24)}
+
+
+def test_the_memory_estimate_counts_the_sizes_a_run_reaches(tiny_pixel_model, tmp_path):
+    # ProlificDreamer's stage 1 renders 512² only from step 5,000: a shorter run is estimated at 64².
+    from text23d import memory
+    from text23d.run import build_system
+
+    def largest(steps):
+        system = build_system(compose_cfg(["prompt=x", "system=vsd", "system.stages=[nerf]", f"trainer.max_steps={steps}",
+                                           f"prior.pretrained_model_name_or_path={tiny_pixel_model}",
+                                           "guidance.lora_pretrained_model_name_or_path=null", f"output_dir={tmp_path}"]))
+        return memory.render_size(system.stages[0], 16)
+    assert largest(3) == largest(5000) == (64, 64) and largest(5001) == (512, 512)

@@ -2,9 +2,10 @@
 
 peak ≈ what is in use now (the prior's weights, the 3D parameters, the runtime)
      + what one training step adds on top:
-         renders      what the renderer keeps for the backward pass: every sample of every ray
-                      (bytes per sample probed on the stage's own geometry), or for the torch
-                      rasteriser every (triangle, pixel) pair near a pixel;
+         renders      what the volume renderer keeps for the backward pass, probed: one view at
+                      16² through the stage's own geometry, cameras and occupancy grid, scaled to
+                      the step's rays; for the torch rasteriser every (triangle, pixel) pair near
+                      a pixel, from a calibrated cost per pixel;
          prior        the prior's activations: what the VAE encoder keeps for the backward pass at
                       the prior's resolution (the SDS gradient flows through it), VSD's LoRA
                       training pass through the whole U-Net, and the largest working set of a
@@ -18,11 +19,11 @@ is refused. scripts/real_shapes.py compares it with the measured peak (perf/peak
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 
 import torch
 import torch.nn.functional as F
-from omegaconf import ListConfig
 
 from text23d.errors import ConfigError
 
@@ -34,15 +35,21 @@ GiB = 2**30
 
 
 def render_size(stage, resolution: int) -> tuple[int, int]:
-    """The largest (height, width) the stage renders at (a list of sizes: resolution milestones)."""
-    def largest(v):
-        return max(v) if isinstance(v, (list, tuple, ListConfig)) else v
-    c = stage.cfg
-    return largest(c.height) or resolution, largest(c.width) or resolution
+    """The largest (height, width) the stage renders at in the steps it runs: with resolution
+    milestones, only the sizes whose milestone comes before the stage's last step (`stage.steps`,
+    set by the system; every size when it is not known)."""
+    from text23d.systems.stages import render_size as size_at
+
+    milestones = list(stage.cfg.get("resolution_milestones") or [])
+    steps = getattr(stage, "steps", None)
+    starts = [0] + [m for m in milestones if steps is None or m < steps]
+    sizes = [size_at(stage.cfg, s, resolution) for s in starts]
+    return max(h for h, _ in sizes), max(w for _, w in sizes)
 
 
 def stage_bytes(stage, resolution: int, particles: int, per_sample: int | None = None) -> int:
-    """Bytes one training step of this stage needs for its renders (all particles)."""
+    """Bytes one training step of this stage needs for its renders (all particles), from a cost per
+    sample (volume) or per pixel (the torch rasteriser): what is used where the renders are not probed."""
     height, width = render_size(stage, resolution)
     pixels = stage.cfg.batch_size * height * width * particles
     samples = getattr(stage.renderer, "num_samples", None)
@@ -64,26 +71,36 @@ def saved_bytes(fn, exclude=()) -> int:
     return sum(seen.values())
 
 
-def probe_geometry(geometry, device, n: int = 4096) -> int | None:
-    """Bytes a volume sample keeps for the backward pass on this geometry (density and albedo at
-    n random points, with gradients on): the renderer's own per-sample tensors come on top."""
-    if not hasattr(geometry, "density"):
+def probe_renders(stage, device, height: int, width: int, side: int = 16, views: int = 4) -> int | None:
+    """Bytes the volume renderer keeps for the backward pass in one step of this stage: `views`
+    random views (one view varies too much with where it looks from) rendered at side² with the stage's own geometry, background, cameras and occupancy grid (a copy,
+    after the first step's probe), with gradients on, scaled to the step's rays. Every tensor the
+    renderer keeps counts, the samples the occupancy grid skips included. The RNG is left as it was."""
+    particle, renderer = stage.particles[0], stage.renderer
+    if not hasattr(renderer, "num_samples"):
         return None
+    sh, steps = stage.cfg.shading, getattr(stage, "steps", None) or 1
+    lit = sh.ambient_only_steps < steps and sh.albedo_prob < 1  # lambertian/textureless views: normals
+    orient = stage.cfg.loss.get("lambda_orient", 0)
+    orient = bool(orient[1] or orient[2]) if isinstance(orient, (list, tuple)) or hasattr(orient, "__len__") else bool(orient)
+    devices = [device] if device.type == "cuda" else []
     try:
-        x = (torch.rand(n, 3, device=device) * 2 - 1) * 0.5
-        params = list(geometry.parameters())
+        with torch.random.fork_rng(devices=devices):
+            occupancy = copy.deepcopy(particle.occupancy)
+            if occupancy is not None:
+                occupancy.update(particle.geometry.density, 0, renderer.sample_spacing)
+            cams = stage.camera_sampler.sample(views).to(device)
 
-        def query():
-            with torch.enable_grad():
-                out = geometry.density(x)
-                albedo = getattr(geometry, "albedo", None)
-                if albedo is not None:
-                    albedo(x)
-                return out
-        return saved_bytes(query, params) // n + 256  # + alpha compositing and shading per sample
-    except Exception as err:  # a geometry that needs more than points: fall back to the constant
-        log.debug("memory: could not probe %s (%s)", type(geometry).__name__, err)
+            def render():
+                with torch.enable_grad():
+                    renderer(particle.geometry, particle.background, cams, side, side,
+                             shading="lambertian" if lit else "albedo", need_normals=orient, jitter=True,
+                             occupancy=occupancy)
+            kept = saved_bytes(render, list(particle.parameters()))
+    except Exception as err:  # a part that cannot be probed this way: the per-sample constant
+        log.debug("memory: could not probe the renders of stage %s (%s)", stage.cfg.name, err)
         return None
+    return int(kept * height * width / side**2 * stage.cfg.batch_size * len(stage.particles) / views)
 
 
 def _meta_copy(module, dtype):
@@ -206,8 +223,8 @@ def estimate(system, stage, device) -> dict:
     resolution = system.prior.resolution if system.prior is not None else 64
     height, width = render_size(stage, resolution)
     particles = len(stage.particles)
-    per_sample = probe_geometry(stage.particles[0].geometry, device) if hasattr(stage.renderer, "num_samples") else None
-    parts = {"renders": stage_bytes(stage, resolution, particles, per_sample),
+    probed = probe_renders(stage, device, height, width)
+    parts = {"renders": probed if probed is not None else stage_bytes(stage, resolution, particles),
              "prior": prior_bytes(system.prior, stage, height, width, particles),
              "optimizer": optimizer_bytes(stage)}
     return parts
