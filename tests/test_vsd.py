@@ -346,3 +346,15 @@ def test_vsd_needs_setup(pixel_prior):
 def test_invalid_arguments(kwargs, match):
     with pytest.raises(ConfigError, match=match):
         VSDGuidance(**kwargs)
+
+
+def test_a_missing_lora_base_names_its_own_key(pixel_prior, tmp_path):
+    # ProlificDreamer on sd21base defaults its LoRA base to SD 2.1: offline, the message must point at
+    # guidance.lora_pretrained_model_name_or_path, not at the prior's key.
+    from text23d.errors import PriorLoadError
+
+    vsd = VSDGuidance(lora_pretrained_model_name_or_path=str(tmp_path / "no-such-model"))
+    with pytest.raises(PriorLoadError, match=r"^the LoRA base \(guidance.lora_pretrained_model_name_or_path\): .*"
+                       r"guidance.lora_pretrained_model_name_or_path=/path/to/model\. Or .*=null: a LoRA on a copy") as e:
+        vsd.setup(pixel_prior)
+    assert "prior.pretrained_model_name_or_path" not in str(e.value)

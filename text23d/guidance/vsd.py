@@ -121,13 +121,22 @@ class VSDGuidance:
         `lora_pretrained_model_name_or_path` (same space, text width and schedule as the prior)."""
         base = prior
         if self.lora_pretrained_model_name_or_path is not None:
-            from text23d.prior.loading import load_prior
+            from text23d.errors import PriorLoadError
+            from text23d.prior.loading import FOLDER_HINT, load_prior
 
-            base = load_prior(
-                self.lora_pretrained_model_name_or_path,
-                dtype=str(prior.dtype).removeprefix("torch."),
-                device=prior.device,
-            )
+            try:
+                base = load_prior(
+                    self.lora_pretrained_model_name_or_path,
+                    dtype=str(prior.dtype).removeprefix("torch."),
+                    device=prior.device,
+                )
+            except PriorLoadError as err:  # name the key that chose this model, not the prior's
+                hint = "guidance.lora_pretrained_model_name_or_path=/path/to/model"
+                raise PriorLoadError(
+                    f"the LoRA base (guidance.lora_pretrained_model_name_or_path): "
+                    f"{str(err).replace(FOLDER_HINT, hint).rstrip('.')}. Or "
+                    "guidance.lora_pretrained_model_name_or_path=null: a LoRA on a copy of the prior."
+                ) from err
             _check_compatible(prior, base)
         self.lora = CameraLoRAUNet(
             base.unet, base.alphas_cumprod, base.prediction_type, rank=self.lora_rank
