@@ -159,18 +159,17 @@ def trainer_precision(options: dict) -> str:
 
 
 def ddp_strategy(cfg: DictConfig) -> str:
-    """`trainer.strategy` as the system needs it. A step trains one stage, so in a system of several
-    stages the others' parameters get no gradient from the loss, nor does VSD's LoRA (it has its own
-    optimizer and syncs its own gradients): plain DDP stops on that, `find_unused_parameters` lets
-    it all-reduce the parameters used. (`auto` on several devices is Lightning's `ddp`.)"""
-    from text23d.systems.stages import stage_configs
-
+    """`trainer.strategy` as the system needs it: DDP with `find_unused_parameters`. Each rank draws
+    its own views and shading, so in a step some parameters get no gradient on one rank and do on
+    another (a textureless render leaves the colour field out; a hash grid's analytic normals only
+    on lit renders); a step trains one stage, so the other stages' parameters get none, nor does
+    VSD's LoRA (it has its own optimizer and syncs its own gradients). Plain DDP would then wait in
+    a collective the other rank never joins. (`auto` on several devices is Lightning's `ddp`.)"""
     strategy, devices = cfg.trainer.get("strategy", "auto"), cfg.trainer.get("devices", 1)
     several = (isinstance(devices, int) and devices > 1) or (isinstance(devices, (list, tuple)) and len(devices) > 1)
     if not (strategy == "ddp" or (strategy == "auto" and several)):
         return strategy
-    partly_trained = len(stage_configs(cfg)) > 1 or "lora_training" in get_class(cfg.system._target_).provides
-    return "ddp_find_unused_parameters_true" if partly_trained else strategy
+    return "ddp_find_unused_parameters_true"
 
 
 def _check_ddp_outside_sweeps(trainer: L.Trainer, asked: DictConfig) -> None:
