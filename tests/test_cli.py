@@ -194,3 +194,10 @@ def test_builtin_prior_names_the_words_it_does_not_know(tmp_path):
     assert "'pineapple', '🍍'" in line and "It knows: a back black blue cone cube" in line
     assert "'an'" not in line and "'orange'" not in line
     assert "a orange PINEAPPLE 🍍, front view" in _encoded_texts(cache)  # "an" read as "a"
+
+
+def test_a_value_refused_before_training_leaves_no_run_folder(tmp_path):
+    code, out = cli('prompt=a red cube, on a table', "prior=builtin", "debug=smoke", "export.resolution=-1",
+                    f"output_root={tmp_path / 'out'}", cwd=tmp_path)
+    assert code == 2 and "export.resolution=-1: must be an integer ≥ 2" in out and "Traceback" not in out
+    assert not (tmp_path / "out" / "dreamfusion").exists()  # no half-made run to trip over later

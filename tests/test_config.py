@@ -86,3 +86,19 @@ def test_slug_is_a_safe_single_path_component(text, tmp_path):
 def test_slug_keeps_simple_prompts_readable_and_distinguishes_long_ones():
     assert slugify("a hamburger") == "a_hamburger"
     assert slugify("x" * 100 + "a") != slugify("x" * 100 + "b")
+
+
+@pytest.mark.parametrize("override,match", [
+    ("export.resolution=-1", r"export.resolution=-1: must be an integer ≥ 2. Fix: e.g. export.resolution=100"),
+    ("export.resolution=100000", r"export.resolution=100000: at most 1024. Fix: e.g. export.resolution=128"),
+    ("export.video_views=0", r"export.video_views=0: must be an integer ≥ 1"),
+    ("export.video_resolution=2.5", r"export.video_resolution=2.5: must be an integer ≥ 8"),
+    ("export.fps=0", r"export.fps=0: must be an integer ≥ 1"),
+    ("validation.views=0", r"validation.views=0: must be an integer ≥ 1"),
+])
+def test_export_and_validation_sizes_are_checked_before_the_first_step(override, match):
+    from text23d.config import validate
+    from text23d.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=match):
+        validate(compose_cfg(["prompt=a red cube", "prior=builtin", "debug=smoke", override]))

@@ -184,10 +184,25 @@ def _hydra_main(cfg: DictConfig):
         raise SystemExit(e.exit_code) from None
     except Text23dError as e:
         log.error("%s", e)
+        if not cfg.get("resume") and not cfg.export.get("ckpt"):
+            discard_refused_run(Path(cfg.output_dir))
         if hc.mode.name == "MULTIRUN":
             e.sweep_dir = str(Path(hc.runtime.cwd, hc.sweep.dir))  # for main's last line
             raise  # the sweep records the failed job; other jobs go on
         raise SystemExit(2) from None
+
+
+def discard_refused_run(out_dir: Path) -> None:
+    """A new run refused before it trained leaves no folder behind: only Hydra's record and the log
+    are in it then (anything else, a checkpoint or a config.yaml, and it is kept)."""
+    import shutil
+
+    if out_dir.is_dir() and {p.name for p in out_dir.iterdir()} <= {".hydra", "text23d.log"}:
+        shutil.rmtree(out_dir, ignore_errors=True)
+        try:
+            out_dir.parent.rmdir()  # outputs/<system>/, if this run was its only one
+        except OSError:
+            pass
 
 
 def main() -> None:

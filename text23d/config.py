@@ -210,6 +210,25 @@ def validate(cfg: DictConfig) -> None:
             _check_render_size(stage, f"system.stage.{name}", required=False)
             _check_optimizer(stage.get("optimizer"), f"system.stage.{name}.optimizer")
             _check_loss(stage.get("loss"), f"system.stage.{name}.loss")
+    for key, low, high in (("views", 1, 64), ("resolution", 8, 2048)):
+        _int_in(cfg.validation.get(key), f"validation.{key}", low, high)
+    check_export(cfg)
+
+
+# (key, smallest, largest): beyond these an export allocates more than any machine has.
+EXPORT_INTS = (("resolution", 2, 1024), ("video_views", 1, 3600), ("video_resolution", 8, 4096), ("fps", 1, 240))
+
+
+def _int_in(value, name: str, low: int, high: int) -> None:
+    _positive_int(value, name, low)
+    if value > high:
+        raise ConfigError(f"{name}={value!r}: at most {high}. Fix: e.g. {name}={min(high, max(low, 128))}")
+
+
+def check_export(cfg: DictConfig) -> None:
+    """The export block, before training (and before an export-only run loads anything)."""
+    for key, low, high in EXPORT_INTS:
+        _int_in(cfg.export.get(key), f"export.{key}", low, high)
     bad = [f for f in export_formats(cfg) if f not in MESH_FORMATS]
     if bad:
         raise ConfigError(f"export.format={bad}: allowed are {list(MESH_FORMATS)}, "

@@ -294,6 +294,7 @@ def load_system(ckpt_or_dir, export_overrides: dict | None = None):
 def export_only(cfg: DictConfig) -> dict:
     """Re-export video and mesh from a checkpoint; no training, no diffusion model.
     Export settings come from this command, not from the run being exported."""
+    tconfig.check_export(cfg)  # before the checkpoint loads
     overrides = {k: v for k, v in cfg.export.items() if k != "ckpt"}
     system, step, ckpt = load_system(cfg.export.ckpt, overrides)
     exported = export_artifacts(system, system.out_dir, step)
