@@ -184,7 +184,8 @@ def _hydra_main(cfg: DictConfig):
         raise SystemExit(e.exit_code) from None
     except Text23dError as e:
         log.error("%s", e)
-        if not cfg.get("resume") and not cfg.export.get("ckpt") and not given_dir:  # a folder we named
+        # A folder text23d named, of a single run (a sweep's failed job keeps its folder: its gallery card)
+        if not cfg.get("resume") and not cfg.export.get("ckpt") and not given_dir and hc.mode.name != "MULTIRUN":
             discard_refused_run(Path(cfg.output_dir))
         if hc.mode.name == "MULTIRUN":
             e.sweep_dir = str(Path(hc.runtime.cwd, hc.sweep.dir))  # for main's last line
