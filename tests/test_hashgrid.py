@@ -73,9 +73,25 @@ def test_hash_grid_geometry_trains_and_has_outward_blob_normals():
     d, a = g.density(pts), g.albedo(pts)
     (d.sum() + a.sum()).backward()
     assert g.encoding.params.grad.abs().sum() > 0 and a.min() >= 0 and a.max() <= 1
-    analytic = HashGrid(n_levels=4, log2_table=12, base_resolution=8, implementation="torch", normals="analytic")
-    analytic.load_state_dict(g.state_dict())
-    assert torch.allclose(analytic.normals(pts), g.normals(pts), atol=0.05)
+
+
+def test_finite_difference_normals_match_analytic_ones_on_a_field_without_the_blob():
+    """Parameters at unit scale and no blob, so the hash grid's own field decides the normals. The
+    field is piecewise smooth (trilinear cells, ReLU kinks): most points agree to a cosine of 0.99,
+    a few straddle a kink; a wrong tetrahedron offset or sign turns the mean cosine far lower."""
+    torch.manual_seed(0)
+    args = dict(n_levels=4, log2_table=12, base_resolution=4, per_level_scale=1.5, implementation="torch",
+                blob_density=0.0, normal_eps=1e-3)
+    fd = randomised(HashGrid(**args))
+    analytic = HashGrid(**args, normals="analytic")
+    analytic.load_state_dict(fd.state_dict())
+    pts = torch.rand(500, 3) * 1.6 - 0.8
+    cosine = (fd.normals(pts) * analytic.normals(pts)).sum(-1)
+    assert cosine.median() > 0.999 and (cosine > 0.99).float().mean() > 0.9, cosine.quantile(torch.tensor([0.1, 0.5]))
+    # The analytic normals are autograd's gradient of the density itself.
+    p = pts.clone().requires_grad_(True)
+    grad, = torch.autograd.grad(analytic.density(p).sum(), p)
+    assert torch.allclose(analytic.normals(pts), -torch.nn.functional.normalize(grad, dim=-1), atol=1e-6)
 
 
 def test_tcnn_and_torch_agree_where_tcnn_exists():
@@ -85,9 +101,16 @@ def test_tcnn_and_torch_agree_where_tcnn_exists():
     args = dict(n_levels=8, log2_table=14, base_resolution=8, per_level_scale=1.5)
     fast = HashGrid(implementation="tinycudann", **args).cuda()
     slow = HashGrid(implementation="torch", **args).cuda()
+    with torch.no_grad():  # unit-scale features: at tcnn's ±1e-4 init any two encodings agree to 1e-3
+        fast.encoding.params.normal_()
     slow.load_state_dict(fast.state_dict())
     u = torch.rand(1000, 3, device="cuda")
-    assert torch.allclose(fast.encoding(u), slow.encoding(u), atol=1e-3)
+    want = slow.encoding(u)
+    assert want.abs().max() > 0.5
+    # tcnn blends in half precision: 8 corner products, each rounded to ~5e-4 of unit values.
+    assert torch.allclose(fast.encoding(u), want, atol=1e-2), (fast.encoding(u) - want).abs().max()
+    pts = torch.rand(256, 3, device="cuda") * 2 - 1
+    assert torch.allclose(fast.density(pts), slow.density(pts), rtol=2e-2, atol=2e-2)
 
 
 class StandInTcnnEncoding(torch.nn.Module):

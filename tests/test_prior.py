@@ -74,6 +74,33 @@ def test_load_latent(tiny_latent_model):
     assert prior.decode(x).shape == (2, 3, 16, 16)
 
 
+@pytest.mark.parametrize("shift", [None, 0.25])
+def test_latent_encode_and_decode_follow_the_vae_config(tmp_path, tiny_latent_model, shift):
+    """Encode = (posterior mean − shift) × scaling factor, decode its inverse, each against the VAE
+    called directly: a missing scaling factor (or shift) would change every latent by 5× (or 0.25)."""
+    import json
+
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_latent_model, folder)
+    config_file = folder / "vae" / "config.json"
+    config = json.loads(config_file.read_text())
+    config.update(scaling_factor=0.18215, shift_factor=shift)
+    config_file.write_text(json.dumps(config))
+    prior = load_prior(str(folder))
+    assert prior.vae.config.scaling_factor == 0.18215 and prior.vae.config.shift_factor == shift
+    rgb = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        mean = prior.vae.encode(rgb * 2 - 1).latent_dist.mean
+        x = prior.images_to_model_space(rgb)
+    want = (mean - (shift or 0.0)) * 0.18215
+    assert torch.allclose(x, want, rtol=1e-5, atol=1e-6 * want.abs().max().item())
+    # Decode undoes the scaling: the round trip gives what the VAE itself decodes from the mean.
+    with torch.no_grad():
+        own = ((prior.vae.decode(mean).sample + 1) / 2).clamp(0, 1)
+    assert torch.allclose(prior.decode(x), own, atol=1e-5)
+    assert not torch.allclose(prior.decode(mean), own, atol=1e-2)  # the unscaled latent decodes to something else
+
+
 def test_load_pixel(tiny_pixel_model):
     prior = load_prior(str(tiny_pixel_model))
     assert not prior.latent and prior.vae is None
