@@ -34,13 +34,14 @@ demo: setup
 
 # Two workers (pytest-xdist), one per core, one thread each: OpenMP threads that outnumber the
 # cores spin and slow everything down (the built-in prior's DreamFusion test: 442 s instead of 75 s).
+# --dist loadgroup keeps a module's xdist_group on one worker (the bad-input catalogue runs its commands once).
 JOBS ?= 2
 
 test: setup
-	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(PY) -m pytest -m "not slow" -q -n $(JOBS)
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(PY) -m pytest -m "not slow" -q -n $(JOBS) --dist loadgroup
 
 test-slow: setup
-	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(PY) -m pytest -m slow -q -n $(JOBS)
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(PY) -m pytest -m slow -q -n $(JOBS) --dist loadgroup
 
 bench: setup
 	$(PY) scripts/bench.py

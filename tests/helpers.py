@@ -53,3 +53,16 @@ def text_close(a, b) -> bool:
     import torch
 
     return torch.allclose(a, b, rtol=0, atol=NET_RTOL * max(a.abs().max().item(), 1e-12))
+
+
+def assert_export_shows_the_renders(run_dir, mesh_file, particle: int = 0) -> dict:
+    """The exported file a user takes away shows what the run's last stage renders: silhouettes that
+    agree with the renders up to their one-pixel outline, colours within `colour_tolerance` (half the
+    distance between the two nearest named colours)."""
+    from text23d.builtin.evaluate import colour_tolerance, export_agreement
+    from text23d.run import load_system
+
+    system, _, _ = load_system(run_dir)
+    r = export_agreement(system, mesh_file, particle=particle)
+    assert r["iou"] >= r["iou_floor"] and r["colour_error"] < colour_tolerance(), r
+    return r

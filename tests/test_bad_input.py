@@ -325,6 +325,9 @@ def error_lines(out: str) -> list[str]:
     return [line for line in out.splitlines() if "text23d: error:" in line or "][ERROR] - " in line]
 
 
+# One xdist group (`make test` runs pytest with --dist loadgroup): the module's fixture runs every
+# selected command, so cases split across two workers would each run all of them.
+@pytest.mark.xdist_group("bad_input")
 @pytest.mark.parametrize("case", [pytest.param(c, id=c.id, marks=[pytest.mark.slow] if c.slow else [])
                                   for c in CASES])
 def test_bad_input(case: Case, outcomes):
@@ -348,7 +351,14 @@ def test_bad_input(case: Case, outcomes):
         case.check(outcomes.ctx, outcomes.root / "cases" / case.id, out)
 
 
-def test_the_catalogue_is_complete():
-    """The issue asks for at least 30 cases; the default suite (not slow) must keep them."""
+def test_the_catalogue_is_complete_and_the_docs_count_it():
+    """The issue asks for at least 30 cases; the default suite (not slow) must keep them, and
+    docs/robustness.md states the counts of this file."""
+    import re
+
     assert len({c.id for c in CASES}) == len(CASES)
-    assert len([c for c in CASES if not c.slow]) >= 30
+    fast = len([c for c in CASES if not c.slow])
+    assert fast >= 30
+    docs = (Path(__file__).resolve().parents[1] / "docs" / "robustness.md").read_text()
+    stated = re.search(r"catalogue of (\d+) cases through the real command \((\d+) in the default", docs)
+    assert stated and (int(stated[1]), int(stated[2])) == (len(CASES), fast), stated and stated.groups()

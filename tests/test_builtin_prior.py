@@ -8,19 +8,23 @@ from transformers import CLIPTokenizer
 from helpers import compose_cfg
 from text23d.config import builtin_prior_path
 from text23d.builtin.data import vocabulary
-from text23d.builtin.evaluate import colour_error, score_asset, score_mesh
+from text23d.builtin.evaluate import colour_error, colour_tolerance, primitive_mesh, score_asset, score_mesh
 from text23d.prior.loading import load_prior
-from text23d.run import load_system, run
+from text23d.run import build_system, load_system, run
 
 BUILTIN = Path(builtin_prior_path())
-# Mean |RGB| difference (0-1) between the rendered exported mesh and the volume renders over the
-# evaluation orbit. Over the 12 evaluation prompts x 3 seeds it measured 0.023-0.103 (mean 0.052).
-# What remains is what an opaque mesh with one colour per vertex cannot show: rims where the rays
-# graze the albedo field's outer shell (a purple sphere: 0.062, 0.022 with 3 more outline pixels left
-# out) and bodies the volume renders as partly transparent (a gray cone whose inside has opacity 0.81
-# shows 19 % background white: 0.10). Vertex colours taken as the albedo at the vertex measured up to
-# 0.161 on the same assets.
-MESH_COLOUR_TOLERANCE = 0.12
+# Every bar here comes from the true primitives and the colour table, never from the assets judged:
+# - colours: an exported mesh's colours must be within colour_tolerance() of its renders (half the
+#   distance between the two nearest named colours, orange and yellow: 0.075), so the file cannot
+#   show a neighbouring colour where the renders show the asked one;
+# - shapes: on the silhouette judge, a run must fit the asked shape better than any other (the
+#   initial blob fits a sphere best: 0.97 against 0.81 for a cube), and get at least a quarter of
+#   the way from the blob's fit to a true primitive's (IoU 1.0), on the renders and on the file.
+MESH_COLOUR_TOLERANCE = colour_tolerance()
+
+
+def beyond_the_blob(blob_iou: float) -> float:
+    return blob_iou + 0.25 * (1.0 - blob_iou)
 
 
 def test_it_ships_in_the_diffusers_layout_within_25_mb():
@@ -40,40 +44,84 @@ def test_it_loads_like_a_user_folder_and_knows_its_words():
     assert compose_cfg(["prior=builtin", "prompt=x"]).prior.pretrained_model_name_or_path == str(BUILTIN)
 
 
-@pytest.mark.parametrize("shape,colour", [("cone", "blue")])
-def test_dreamfusion_generates_the_asked_shape_and_colour(tmp_path, shape, colour):
+def test_the_colour_bar_separates_true_colours_on_a_true_primitive(tmp_path):
+    """The judge's colour error on a true cube: its mesh in the asked colour is far within the
+    tolerance of the true renders, the same mesh in the nearest other colour far outside it."""
+    import numpy as np
+
+    from text23d.builtin.data import COLOURS, render_silhouettes
+    from text23d.builtin.evaluate import mesh_views
+    from text23d.cameras.sampler import RandomCameraSampler
+
+    cams = RandomCameraSampler().orbit(4)
+    mesh = primitive_mesh("cube", 0.52)
+    masks = render_silhouettes(["cube"] * 4, cams, 0.52, 0.0, 64).numpy()[..., None]  # the true renders' silhouettes
+    for asked, other in (("orange", "yellow"), ("blue", "purple")):
+        renders = [{"rgb": np.where(k, COLOURS[asked], 1.0), "opacity": np.repeat(k, 3, -1).astype(float)} for k in masks]
+        errors = {}
+        for c in (asked, other):
+            mesh.visual.vertex_colors = np.tile(np.array([*(np.array(COLOURS[c]) * 255).round(), 255], np.uint8), (len(mesh.vertices), 1))
+            errors[c] = colour_error(renders, mesh_views(mesh, cams, 64))
+        assert errors[asked] < 0.2 * MESH_COLOUR_TOLERANCE < MESH_COLOUR_TOLERANCE < errors[other], errors
+
+
+@pytest.mark.parametrize("shape,colour", [("cone", "blue"), ("cube", "red")])
+def test_dreamfusion_beats_the_blob_and_exports_what_it_renders(tmp_path, shape, colour):
+    """A short DreamFusion run per shape kind: round (a cone) and cornered (a cube)."""
     out = tmp_path / "run"
-    summary = run(compose_cfg([f"prompt=a {colour} {shape}", "prior=builtin", f"output_dir={out}",
-                               "trainer.enable_progress_bar=false", "export.video_views=8",
-                               "validation.every_n_steps=0"]))
+    args = [f"prompt=a {colour} {shape}", "prior=builtin", f"output_dir={out}", "trainer.enable_progress_bar=false",
+            "export.video_views=8", "validation.every_n_steps=0"]
+    blob = score_asset(build_system(compose_cfg(args)), shape, colour)  # the starting point
+    summary = run(compose_cfg(args))
     system, _, _ = load_system(out)
     r = score_asset(system, shape, colour)
-    assert r["predicted_shape"] == shape, r["iou_by_shape"]
-    assert r["predicted_colour"] == colour, r["mean_albedo"]
-    assert r["iou"] > 0.6 and summary["steps"] > 0
-    # The file a user takes away: the exported GLB shows the same shape and colour, and its
-    # colours are those of the renders (MESH_COLOUR_TOLERANCE: see the note above it).
     m = score_mesh(summary["artifacts"]["mesh_glb"], shape, colour, system.camera_sampler)
-    assert (m["predicted_shape"], m["predicted_colour"]) == (shape, colour), m["iou_by_shape"]
+    bar = beyond_the_blob(blob["iou"])
+    assert max(blob["iou_by_shape"], key=blob["iou_by_shape"].get) == "sphere"
+    for result in (r, m):  # the renders, then the exported file
+        assert result["iou"] > bar, (blob["iou"], result["iou"], bar)
+        assert max(result["iou_by_shape"], key=result["iou_by_shape"].get) == shape, result["iou_by_shape"]
+        assert result["predicted_colour"] == colour, result["mean_albedo"]
+    # The file's corners (or their absence) are read from its sections; on the renders the weaker
+    # silhouette-area measure decides, and a cube's is not asserted (the slow evaluation reports it).
+    assert m["predicted_shape"] == shape, (m["symmetry"], m["symmetry_threshold"])
+    if shape == "cone":
+        assert r["predicted_shape"] == shape, (r["symmetry"], r["symmetry_threshold"])
     assert colour_error(r["views"], m["views"]) < MESH_COLOUR_TOLERANCE
 
 
+SEEDS_NEVER_TUNED_ON = (3, 4, 5)  # the prior, its settings and the judges were tuned on seeds 0-2
+
+
+def accuracy(rows: list[dict], ok) -> float:
+    return sum(bool(ok(r)) for r in rows) / len(rows)
+
+
 @pytest.mark.slow
-def test_whole_evaluation_meets_the_targets_on_the_exported_meshes(tmp_path):
-    """`make eval-prior`'s evaluation: 12 prompts × 3 seeds with DreamFusion's prior=builtin defaults
-    (about an hour on 2 cores), judged on the exported GLB files. Targets: shape and colour both
-    right for ≥ 95 % of the 36 meshes; every mesh's colours within MESH_COLOUR_TOLERANCE of its renders."""
+def test_whole_evaluation_meets_the_targets_on_seeds_it_was_never_tuned_on(tmp_path):
+    """`make eval-prior`'s evaluation on fresh seeds: the 12 prompts (6 held-out captions the prior
+    never saw, 6 seen) × 3 seeds with DreamFusion's prior=builtin defaults (about an hour on 2
+    cores), judged on the exported GLB files and on the renders. Targets: on the files, shape and
+    colour both right for ≥ 95 % of the 36 and, on their own, of the 18 held-out ones; every file's
+    colours within MESH_COLOUR_TOLERANCE of its renders; on the renders, colour right and the asked
+    shape the best silhouette fit for ≥ 95 %, and round shapes read as their class for ≥ 95 %."""
     import json
     import os
     import subprocess
     import sys
 
     script = Path(__file__).resolve().parents[1] / "scripts" / "eval_prior.py"
-    subprocess.run([sys.executable, str(script), "--seeds", "0", "1", "2", "--out", str(tmp_path)],
+    subprocess.run([sys.executable, str(script), "--seeds", *map(str, SEEDS_NEVER_TUNED_ON), "--out", str(tmp_path)],
                    check=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     rows = json.loads((tmp_path / "eval.json").read_text())["runs"][0]["results"]
-    assert len(rows) == 36
-    both = [r["mesh_shape_correct"] and r["mesh_colour_correct"] for r in rows]
-    assert sum(both) >= 0.95 * len(rows), [(r["prompt"], r["seed"], r["mesh_predicted_shape"],
-                                           r["mesh_predicted_colour"]) for r, ok in zip(rows, both) if not ok]
+    assert len(rows) == 36 and sum(r["held_out"] for r in rows) == 18
+    both = lambda r: r["mesh_shape_correct"] and r["mesh_colour_correct"]  # noqa: E731
+    wrong = [(r["prompt"], r["seed"], r["mesh_predicted_shape"], r["mesh_predicted_colour"]) for r in rows if not both(r)]
+    assert accuracy(rows, both) >= 0.95, wrong
+    assert accuracy([r for r in rows if r["held_out"]], both) >= 0.95, wrong
     assert max(r["mesh_colour_error"] for r in rows) < MESH_COLOUR_TOLERANCE
+    best_fit = lambda r: max(r["iou_by_shape"], key=r["iou_by_shape"].get) == r["shape"]  # noqa: E731
+    assert accuracy(rows, lambda r: r["colour_correct"]) >= 0.95
+    assert accuracy(rows, best_fit) >= 0.95, [(r["prompt"], r["seed"], r["iou_by_shape"]) for r in rows if not best_fit(r)]
+    round_rows = [r for r in rows if r["shape"] not in ("cube", "pyramid")]
+    assert accuracy(round_rows, lambda r: r["shape_correct"]) >= 0.95

@@ -48,7 +48,9 @@ def test_command_line_values_win_over_debug_preset():
 
 
 def test_unknown_keys_are_rejected():
-    with pytest.raises(Exception, match="max_stepz"):
+    from hydra.errors import ConfigCompositionException
+
+    with pytest.raises(ConfigCompositionException, match="max_stepz"):
         compose_cfg(["trainer.max_stepz=3", "prompt=x"])
 
 

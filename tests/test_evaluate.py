@@ -113,3 +113,20 @@ def test_section_symmetry_reads_a_rounded_box_as_cornered_and_one_odd_section_do
     plinth.apply_translation([0, 0, -0.5 + 0.125])
     assert section_symmetry(trimesh.util.concatenate([cylinder, plinth])) < 0.2 * threshold
     assert section_symmetry(cylinder) < 0.2 * threshold
+
+
+def test_a_body_square_only_in_its_lower_half_is_not_cornered():
+    """Sections must be read over the whole height: a box whose upper part is a cylinder (a generated
+    cube that rounds off above half its height) is not a cube. Reading only the lower half (20, 35
+    and 50 % of the height) would call it cornered."""
+    import trimesh
+
+    from text23d.builtin.evaluate import section_symmetry, section_symmetry_threshold
+
+    box = trimesh.creation.box(extents=[0.6, 0.6, 0.45])
+    box.apply_translation([0, 0, 0.225])
+    top = trimesh.creation.cylinder(radius=0.3 * 1.13, height=0.55, sections=96)  # the box's area
+    top.apply_translation([0, 0, 0.45 + 0.275])
+    assert section_symmetry(trimesh.util.concatenate([box, top])) < section_symmetry_threshold()
+    full = trimesh.creation.box(extents=[0.6, 0.6, 1.0])
+    assert section_symmetry(full) > 1.5 * section_symmetry_threshold()

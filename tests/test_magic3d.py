@@ -8,7 +8,7 @@ import pytest
 import torch
 import trimesh
 
-from helpers import Crash, compose_cfg
+from helpers import Crash, assert_export_shows_the_renders, compose_cfg
 from text23d.run import run
 
 # Small parts so both stages run in seconds: a 4-level hash grid, a 12³-cube tet grid, 16² renders.
@@ -126,3 +126,4 @@ def test_magic3d_on_the_builtin_prior_through_the_command(tmp_path):
     summary = json.loads((run_dir / "summary.json").read_text())
     assert [s["name"] for s in summary["stages"]] == ["coarse", "fine"] and summary["steps"] == 4
     assert "fine-it000004-export" in summary["artifacts"]["mesh_glb"]
+    assert_export_shows_the_renders(run_dir, summary["artifacts"]["mesh_glb"])  # the fine stage's mesh

@@ -10,7 +10,7 @@ import torch
 from omegaconf import OmegaConf
 import trimesh
 
-from helpers import Crash, compose_cfg
+from helpers import Crash, assert_export_shows_the_renders, compose_cfg
 from text23d.run import run
 
 # Small parts: a 16³ grid, 8³-cube tet grids, 16² renders on the tiny pixel model; 6 steps split
@@ -236,3 +236,4 @@ def test_prolificdreamer_on_the_builtin_prior_through_the_command(tmp_path):
     summary = json.loads((run_dir / "summary.json").read_text())
     assert [s["name"] for s in summary["stages"]] == ["nerf", "geometry", "texture"]
     assert "texture-it000006-export" in summary["artifacts"]["mesh_glb"]
+    assert_export_shows_the_renders(run_dir, summary["artifacts"]["mesh_glb"])

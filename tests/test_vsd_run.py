@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from helpers import Crash, compose_cfg
+from helpers import Crash, assert_export_shows_the_renders, compose_cfg
 from text23d.errors import ConfigError
 from text23d.run import build_system, run
 
@@ -90,6 +90,7 @@ def test_vsd_on_the_builtin_prior_from_the_command_line_and_resume(tmp_path):
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["steps"] == 6 and summary["resumed_from"] and Path(summary["artifacts"]["lora"]).is_file()
+    assert_export_shows_the_renders(run_dir, summary["artifacts"]["mesh_glb"])
 
 
 def test_vsd_terms_script_measures_each_term_of_a_trained_run(tiny_pixel_model, tmp_path):

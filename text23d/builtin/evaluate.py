@@ -86,11 +86,13 @@ def symmetry_threshold(cam_key: tuple, resolution: int) -> float:
     return 0.5 * (max(values[False]) + min(values[True]))
 
 
-SECTION_HEIGHTS = (0.2, 0.35, 0.5)  # fractions of a body's height from its base
+# Fractions of a body's height from its base, over its whole height: a cube is square at every
+# height, so one square only in its lower half (a box that rounds off above) is not a cube.
+SECTION_HEIGHTS = (0.15, 0.3, 0.5, 0.7, 0.85)
 SECTION_BINS = 72  # angular bins of the outline's radius: 5°
 
 
-def _outline(section, spacing: float = 0.005) -> np.ndarray:
+def _outline(section, spacing: float = 0.002) -> np.ndarray:
     """Points every `spacing` along all closed curves of a planar section (Path3D), (P, 2)."""
     points = []
     for curve in section.discrete:
@@ -105,12 +107,13 @@ def _outline(section, spacing: float = 0.005) -> np.ndarray:
 def section_symmetry(mesh) -> float:
     """How cornered a mesh is about the vertical axis, from its horizontal sections.
 
-    At 20 %, 35 % and 50 % of its height (the lower half, where a pyramid's section is still at
-    least half as wide as its base), the outline's radius around its centre is read in 72 angular
-    bins (the largest radius per bin, so a torus's hole does not count) and the 90°-periodic
-    Fourier coefficient is taken relative to the mean radius. A square section gives ~0.075
-    whatever its turn, a circle ~0. The result is the median over the three heights, so one odd
-    section (lumps at a box's bottom corners, a floater) does not decide."""
+    At 15 %, 30 %, 50 %, 70 % and 85 % of its height (a pyramid's section at 85 % is still 15 % of
+    its base), the outline's radius around its centre is read in 72 angular bins (the largest
+    radius per bin, so a torus's hole does not count) and the 90°-periodic Fourier coefficient is
+    taken relative to the mean radius. A square section gives ~0.075 whatever its turn, a circle
+    ~0. The result is the median over the five heights: three of them must be cornered, so one odd
+    section (lumps at a box's bottom corners, a floater) does not decide, and a body that is square
+    only in its lower half is round."""
     bottom, top = mesh.bounds[:, 2]
     values = []
     for fraction in SECTION_HEIGHTS:
@@ -295,6 +298,30 @@ def colour_error(render_views: list[dict], mesh_views_: list[dict]) -> float:
         if both.any():
             diffs.append(np.abs(r["rgb"][both] - m["rgb"][both]).mean())
     return round(float(np.mean(diffs)), 4) if diffs else float("nan")
+
+
+def colour_tolerance() -> float:
+    """The largest colour error (`colour_error`) an exported mesh may have: half the smallest mean
+    |ΔRGB| between two named colours (orange and yellow: 0.15), so a mesh within it of its renders is
+    nearer to them than any neighbouring named colour is. Taken from the colour table alone, never
+    from the assets it judges."""
+    rgb = [np.array(c) for c in COLOURS.values()]
+    return 0.5 * min(float(np.abs(a - b).mean()) for a, b in itertools.combinations(rgb, 2))
+
+
+def export_agreement(system, path, n_views: int = 8, resolution: int = 64, particle: int = 0) -> dict:
+    """How well an exported mesh file shows what the system renders, from the evaluation orbit:
+    the silhouette IoU between the file (rasterised) and the renders, the floor it must reach (the
+    IoU of the renders' silhouettes with themselves less their one-pixel outline: a mesh may differ
+    from the renders along the outline, not more), and the colour error (`colour_error`)."""
+    cams = system.camera_sampler.orbit(n_views)
+    renders = system.render_views(cams, resolution, shading="albedo", particle=particle)
+    mesh = mesh_views(load_exported_mesh(path), cams, resolution)
+    a = [r["opacity"][..., 0] > 0.5 for r in renders]
+    b = [m["opacity"][..., 0] > 0.5 for m in mesh]
+    iou = float(np.mean([_iou(x, y) for x, y in zip(a, b)]))
+    floor = float(np.mean([_erode(x).sum() / max(x.sum(), 1) for x in a]))
+    return {"iou": round(iou, 4), "iou_floor": round(floor, 4), "colour_error": colour_error(renders, mesh)}
 
 
 def strip(system_views: list[dict], shape: str, colour: str, scale: float, rotation: float, sampler,
