@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup demo test test-slow bench real-shapes gpu-wheels gpu-check eval-prior clean
+.PHONY: setup demo test test-slow mutation bench real-shapes gpu-wheels gpu-check eval-prior clean
 
 setup: $(VENV)/.installed
 
@@ -43,6 +43,11 @@ test: setup
 test-slow: setup
 	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(PY) -m pytest -m slow -q -n $(JOBS) --dist loadgroup
 
+# mutmut over the mathematical modules (guidance, geometry, renderers, prior, export), each mutant
+# judged by the fast tests that reach it; per-module scores and every survivor: docs/mutation.md.
+mutation: setup
+	$(PY) scripts/mutation.py
+
 bench: setup
 	$(PY) scripts/bench.py
 
@@ -71,4 +76,4 @@ eval-prior: setup
 	$(PY) scripts/eval_prior.py --seeds 0 1 2 --update-card
 
 clean:
-	rm -rf $(VENV) .tools outputs/* .pytest_cache
+	rm -rf $(VENV) .tools outputs/* .pytest_cache mutants

@@ -261,9 +261,51 @@ def test_a_stage_that_cannot_fit_is_warned_about_or_refused_before_it_starts(tin
 
     total = psutil.virtual_memory().total
     per_view = memory.probe_renders(system(1).stages[0], torch.device("cpu"), 64, 64)  # what one 64² view keeps
-    assert 64 * 64 * 16 * 16 < per_view < 64 * 64 * 16 * 100_000  # 16 samples a ray (smoke), 16 B to 100 kB each
     with caplog.at_level("WARNING", logger="text23d"):
         memory.check(system(int(2 * total / per_view)), torch.device("cpu"))  # twice the machine: a warning
     assert "needs about" in caplog.text and "it may run out of memory" in caplog.text
     with pytest.raises(ConfigError, match=r"stage main: \d+ view\(s\) of 64x64 needs about .* GiB .* Fix: a render size"):
         memory.check(system(int(20 * total / per_view)), torch.device("cpu"))  # 20×: refused
+
+
+# One training step's renders in a fresh process: the estimate first, then the peak resident memory
+# that a forward + backward of those renders adds (ru_maxrss: the kernel's own high-water mark).
+MEASURE_RENDERS = """
+import json, resource, sys
+import torch
+from text23d import memory
+from text23d.config import compose
+from text23d.run import build_system
+side, batch, samples, out = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+cfg = compose(["prompt=a red cube", "prior=builtin", f"output_dir={out}", f"system.width={side}", f"system.height={side}",
+               f"system.batch_size={batch}", f"renderer.num_samples={samples}", "renderer.occupancy=null"])
+stage = build_system(cfg).stages[0]
+particle = stage.particles[0]
+estimate = memory.probe_renders(stage, torch.device("cpu"), side, side)
+def step(s, n):
+    out = stage.renderer(particle.geometry, particle.background, stage.camera_sampler.sample(n), s, s,
+                         shading="lambertian", jitter=False)
+    out["comp_rgb"].sum().backward()
+step(16, 1)  # everything loaded and allocated once, at a size too small to count
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+torch.manual_seed(1)  # fixed views: how many rays meet the bounding sphere depends on where they look
+step(side, batch)
+print(json.dumps({"estimate": estimate, "measured": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before}))
+"""
+
+
+def test_the_render_estimate_matches_the_measured_peak_of_a_step(tmp_path):
+    """The printed estimate's render term against what a step's renders really take: 80², 3 views,
+    96 samples a ray (a size the backward factor was not measured at), about 0.7 GB."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    p = subprocess.run([sys.executable, "-c", MEASURE_RENDERS, "80", "3", "96", str(tmp_path)], capture_output=True,
+                       text=True, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"})
+    assert p.returncode == 0, p.stderr[-3000:]
+    r = json.loads(p.stdout.strip().splitlines()[-1])
+    # Within a quarter below (an estimate under the peak lets a run die of out-of-memory); a little
+    # more room above: the resident-set peak of the same step varies by ±10 % from run to run.
+    assert r["measured"] > 100 * 2**20 and 0.75 < r["estimate"] / r["measured"] < 1.35, r

@@ -2,10 +2,11 @@
 
 peak ≈ what is in use now (the prior's weights, the 3D parameters, the runtime)
      + what one training step adds on top:
-         renders      what the volume renderer keeps for the backward pass, probed: one view at
+         renders      what the volume renderer keeps for the backward pass, probed: 4 views at
                       16² through the stage's own geometry, cameras and occupancy grid, scaled to
-                      the step's rays; for the torch rasteriser every (triangle, pixel) pair near
-                      a pixel, from a calibrated cost per pixel;
+                      the step's rays, times BACKWARD_PEAK for the gradients the backward holds
+                      beside it; for the torch rasteriser every (triangle, pixel) pair near a pixel,
+                      from a calibrated cost per pixel;
          prior        the prior's activations: what the VAE encoder keeps for the backward pass at
                       the prior's resolution (the SDS gradient flows through it), VSD's LoRA
                       training pass through the whole U-Net, and the largest working set of a
@@ -29,6 +30,11 @@ from text23d.errors import ConfigError
 
 log = logging.getLogger("text23d")
 BYTES_PER_SAMPLE = 1024      # volume rendering, when the geometry cannot be probed (renderer + MLP)
+# The backward pass of the renders holds, beside what the forward kept, the gradients of the
+# per-sample tensors it has not yet consumed: the peak of a render's forward + backward, measured
+# by the process's peak resident memory, was 1.3-1.8x what the forward keeps (volume renderer,
+# 48²-128², 32-256 samples a ray, 1-4 views; tests/test_faults.py compares it at another size).
+BACKWARD_PEAK = 1.6
 BYTES_PER_PIXEL_RASTER = 8192  # the pure-torch rasteriser; nvdiffrast needs far less
 ABSURD = 16                  # an estimate this many times the device's whole memory is refused
 GiB = 2**30
@@ -101,7 +107,7 @@ def probe_renders(stage, device, height: int, width: int, side: int = 16, views:
     except Exception as err:  # a part that cannot be probed this way: the per-sample constant
         log.debug("memory: could not probe the renders of stage %s (%s)", stage.cfg.name, err)
         return None
-    return int(kept * height * width / side**2 * stage.cfg.batch_size * len(stage.particles) / views)
+    return int(BACKWARD_PEAK * kept * height * width / side**2 * stage.cfg.batch_size * len(stage.particles) / views)
 
 
 def _meta_copy(module, dtype):
