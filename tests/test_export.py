@@ -85,18 +85,60 @@ def test_world_coordinates_of_an_offcentre_box(offcentre_box):
     np.testing.assert_allclose(mesh.bounds, [c - h, c + h], atol=0.5 * VOXEL)
 
 
+class Stop(Exception):
+    pass
+
+
 def test_device_is_taken_from_the_field_module():
-    class Field(torch.nn.Module):
+    """Query points are built on the device of the module whose bound method is the field (its first
+    parameter, else its first buffer), in float32; a plain function gets the CPU. The "meta" device
+    makes this fail on a CPU-only machine too, where every default would otherwise be right."""
+    from text23d.export.mesh import _field_device
+
+    class Params(torch.nn.Module):
         def __init__(self):
             super().__init__()
             self.r0 = torch.nn.Parameter(torch.tensor(0.5))
+            self.seen = []
 
         def density(self, p):
-            assert p.device == self.r0.device and p.dtype == torch.float32
+            self.seen.append((p.device, p.dtype))
+            raise Stop
+
+        forward = density
+
+    class Buffers(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("r0", torch.tensor(0.5))
+
+        def density(self, p):
             return 10 * (self.r0 - p.norm(dim=-1))
 
-    mesh = extract_mesh(Field().density, position_color, RADIUS, 16, 0.0)
+    meta = torch.device("meta")
+    params, buffers = Params().to(meta), Buffers().to(meta)
+    assert _field_device(params.density) == meta  # parameters only
+    assert _field_device(buffers.density) == meta  # buffers only
+    assert _field_device(params) == meta  # the module itself as the field
+    assert _field_device(lambda p: p.norm(dim=-1)) == torch.device("cpu")
+    assert _field_device(Buffers().density) == torch.device("cpu")
+    with pytest.raises(Stop):
+        extract_mesh(params.density, position_color, RADIUS, 16, 0.0)
+    assert params.seen == [(meta, torch.float32)]
+    # On the CPU the same module's field runs end to end.
+    mesh = extract_mesh(Buffers().density, position_color, RADIUS, 16, 0.0)
     assert len(mesh.faces) > 0
+
+
+def test_rgb8_quantises_clips_and_reads_nan_as_black():
+    """[0, 1] to 0..255 rounded to nearest, out-of-range values clipped, NaN read as 0, and only
+    the first three channels kept (an RGBA input gives RGB)."""
+    from text23d.export.mesh import to_rgb8
+
+    rgba = np.array([[0.0, 0.2, 1.0, 0.7], [-0.5, 1.5, np.nan, 0.3], [0.5, 0.999, 0.001, 1.0]])
+    out = to_rgb8(rgba)
+    assert out.dtype == np.uint8
+    np.testing.assert_array_equal(out, [[0, 51, 255], [0, 255, 0], [128, 255, 0]])
 
 
 def test_field_that_never_crosses_the_threshold_raises_with_the_range():
@@ -130,6 +172,22 @@ def test_glb_is_rotated_to_y_up_and_keeps_colours(tmp_path, offcentre_box):
     assert len(loaded.vertices) == len(mesh.vertices)
     np.testing.assert_array_equal(loaded.visual.vertex_colors, mesh.visual.vertex_colors)
     assert loaded.volume > 0  # a proper rotation keeps the winding outward
+
+
+def test_a_single_format_string_writes_that_format_only(tmp_path, offcentre_box):
+    paths = save_mesh(offcentre_box[1], str(tmp_path), "model", formats="glb")
+    assert list(paths) == ["glb"] and sorted(os.listdir(tmp_path)) == ["model.glb"]
+
+
+def test_obj_has_no_normals_even_when_the_mesh_has_computed_them(tmp_path, offcentre_box):
+    """The OBJ is "v x y z r g b" and "f a b c": viewers shade it from its faces, whatever trimesh
+    has cached on the mesh."""
+    mesh = offcentre_box[1].copy()
+    assert mesh.vertex_normals.shape == mesh.vertices.shape  # computed and cached now
+    lines = open(save_mesh(mesh, str(tmp_path), "model", formats=("obj",))["obj"]).read().splitlines()
+    assert not any(line.startswith("vn") for line in lines)
+    faces = [line.split()[1:] for line in lines if line.startswith("f ")]
+    assert len(faces) == len(mesh.faces) and all(len(f) == 3 and "/" not in "".join(f) for f in faces)
 
 
 def test_unknown_mesh_format_raises_config_error(tmp_path, offcentre_box):

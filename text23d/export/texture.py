@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import time
 from typing import Callable
 
@@ -31,7 +32,8 @@ def decimate(mesh: trimesh.Trimesh, target_faces: int | None) -> trimesh.Trimesh
         return mesh
     import fast_simplification
 
-    verts, faces = fast_simplification.simplify(np.asarray(mesh.vertices, np.float32), np.asarray(mesh.faces, np.int32),
+    # float64, the simplifier's own precision: a float32 copy would round every vertex it keeps.
+    verts, faces = fast_simplification.simplify(np.asarray(mesh.vertices, np.float64), np.asarray(mesh.faces, np.int32),
                                                 target_reduction=1.0 - target_faces / len(mesh.faces))
     return trimesh.Trimesh(verts, faces, process=False)
 
@@ -178,7 +180,8 @@ def save_textured(mesh: trimesh.Trimesh, out_dir: str, stem: str, formats) -> di
             if png is None:
                 raise Text23dError(f"trimesh wrote no texture image for {path}: files {sorted(files)}")
             # Our own MTL: trimesh's sets Kd 0.4, which viewers multiply into map_Kd (a darker asset).
-            name = mesh.visual.material.name or "albedo"
+            # The material the OBJ uses, as trimesh named it (a nameless one becomes e.g. "material_0").
+            name = re.search(r"^usemtl (.+)$", text, re.M).group(1)
             files = {f"{stem}.png": files[png], f"{stem}.mtl": (
                 f"newmtl {name}\nKa 0 0 0\nKd 1 1 1\nKs 0 0 0\nNs 1\nillum 1\nmap_Kd {stem}.png\n").encode()}
             for name, data in files.items():
