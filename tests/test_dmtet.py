@@ -6,8 +6,9 @@ import pytest
 import torch
 import trimesh
 
-from text23d.errors import Text23dError
-from text23d.geometry.dmtet import DMTet, marching_tets, tet_grid
+from text23d.errors import ConfigError, Text23dError
+from text23d.geometry.dmtet import DMTet, EDGES, _triangle_table, marching_tets, orient, tet_grid
+from text23d.geometry.grid import DenseGrid
 from text23d.geometry.mesh_ops import face_normals, laplacian, normal_consistency
 
 
@@ -63,6 +64,8 @@ def test_initialised_from_density_without_floaters_in_a_tight_box():
     assert len(mesh.split(only_watertight=False)) == 1  # the floater is gone
     assert (v.norm(dim=-1) - 0.4).abs().max() < 0.05  # the level set of the field
     assert max(info["box_half"]) < 0.6  # the grid now spans the object, not the scene
+    assert min(info["box_half"]) > 0.4 and max(map(abs, info["box_centre"])) < 1e-6  # ... all of it
+    assert mesh.is_watertight and mesh.volume == pytest.approx(4 / 3 * math.pi * 0.4**3, rel=0.1)  # the whole ball
     with pytest.raises(Text23dError, match="fine: the earlier stage's density never exceeds"):
         DMTet(resolution=8).init_from_density(lambda p: torch.zeros(len(p)), threshold=1.0, stage="fine")
 
@@ -76,3 +79,132 @@ def test_regularisers_are_zero_for_smooth_surfaces_and_grow_with_noise():
     plane_v = torch.tensor([[0.0, 0, 0], [1, 0, 0], [1, 1, 0], [0, 1, 0]])
     plane_f = torch.tensor([[0, 1, 2], [0, 2, 3]])
     assert normal_consistency(plane_v, plane_f).item() == pytest.approx(0.0, abs=1e-6)
+
+
+def _volumes(verts, tets):
+    """Signed volumes ·6 of tets, by the scalar triple product (not a determinant routine)."""
+    p = verts[tets].double()
+    a, b, c = p[:, 1] - p[:, 0], p[:, 2] - p[:, 0], p[:, 3] - p[:, 0]
+    return (a * torch.linalg.cross(b, c, dim=-1)).sum(-1)
+
+
+def test_orient_swaps_the_last_two_vertices_of_negative_tets_only():
+    gen = torch.Generator().manual_seed(0)
+    verts = torch.randn(30, 3, generator=gen)
+    tets = torch.stack([torch.randperm(30, generator=gen)[:4] for _ in range(200)])
+    degenerate = torch.tensor([[0, 1, 2, 0]])  # a repeated vertex: zero volume, not negative
+    tets = torch.cat([tets, degenerate])
+    before = tets.clone()
+    out = orient(verts, tets)
+    assert torch.equal(tets, before)  # the input is not written to
+    vol = _volumes(verts, before)
+    neg = vol < 0
+    assert 50 < neg.sum() < 150
+    assert torch.equal(out[~neg], before[~neg])
+    assert torch.equal(out[neg], before[neg][:, [0, 1, 3, 2]])
+    assert (_volumes(verts, out[:-1]) > 0).all()
+
+
+def _cut_polygon_area(points, normal):
+    """Area of the convex polygon `points` (k, 3) lying in a plane of `normal`: the points ordered by
+    angle around their centre, then the shoelace formula in the plane."""
+    n = normal / normal.norm()
+    u = torch.linalg.cross(n, torch.tensor([1.0, 0.3, 0.1], dtype=n.dtype), dim=-1)
+    u = u / u.norm()
+    v = torch.linalg.cross(n, u, dim=-1)
+    d = points - points.mean(0)
+    xy = torch.stack([d @ u, d @ v], -1)
+    xy = xy[torch.atan2(xy[:, 1], xy[:, 0]).argsort()]
+    x, y = xy[:, 0], xy[:, 1]
+    return 0.5 * abs((x * y.roll(-1) - x.roll(-1) * y).sum().item())
+
+
+def test_the_triangle_table_cuts_every_sign_pattern_once_and_faces_outward():
+    """For each of the 16 inside/outside patterns (bit k: vertex k inside) on positively oriented tets
+    other than the table's own reference one, with random SDF values of that pattern: the triangles use
+    exactly the edges whose ends differ, cover the planar cut once (their areas add up to the cut
+    polygon's, found independently), and face along the SDF's gradient, i.e. from inside to outside."""
+    table, count = _triangle_table()
+    assert table.shape == (16, 2, 3) and count.shape == (16,)
+    assert table.dtype == torch.long and count.dtype == torch.long
+    gen = torch.Generator().manual_seed(0)
+    cube, kuhn = tet_grid(1)
+    shapes = [cube[t].double() for t in kuhn]  # the 6 tets of a cube
+    for _ in range(4):  # and random ones, oriented by the test itself
+        p = torch.randn(4, 3, generator=gen, dtype=torch.float64)
+        if _volumes(p, torch.arange(4)[None])[0] < 0:
+            p = p[[0, 1, 3, 2]]
+        shapes.append(p)
+    for p in shapes:
+        for case in range(16):
+            inside = [(case >> k) & 1 for k in range(4)]
+            s = torch.rand(4, generator=gen, dtype=torch.float64) * 0.9 + 0.1
+            s = torch.where(torch.tensor(inside).bool(), -s, s)
+            crossing = {e for e, (a, b) in enumerate(EDGES) if inside[a] != inside[b]}
+            assert count[case] == {0: 0, 3: 1, 4: 2}[len(crossing)], case
+            tris = table[case, :count[case]].tolist()
+            assert all(len(set(t)) == 3 and set(t) <= crossing for t in tris), (case, tris)
+            assert {e for t in tris for e in t} == crossing, (case, tris)
+            if not crossing:
+                continue
+            # the linear interpolant of s over the tet: s(x) = g·x + c, its zero set the cut plane
+            g = torch.linalg.solve(torch.cat([p, torch.ones(4, 1, dtype=p.dtype)], 1), s)[:3]
+            q = {e: p[a] + s[a] / (s[a] - s[b]) * (p[b] - p[a]) for e, (a, b) in enumerate(EDGES) if e in crossing}
+            area = 0.0
+            for t in tris:
+                n = torch.linalg.cross(q[t[1]] - q[t[0]], q[t[2]] - q[t[0]], dim=-1)
+                assert (n @ g) > 0.999 * n.norm() * g.norm(), (case, t)  # outward, in the cut plane
+                area += 0.5 * n.norm().item()
+            assert area == pytest.approx(_cut_polygon_area(torch.stack(list(q.values())), g), rel=1e-9), case
+
+
+def test_a_vertex_exactly_on_the_surface_counts_as_outside():
+    """SDF < 0 is inside: a tet that only touches the zero set at one vertex has no surface, and a
+    tet with one vertex inside and one at zero gets one triangle through that vertex."""
+    verts = torch.tensor([[0.0, 0, 0], [1, 0, 0], [0, 1, 0], [0, 0, 1]])
+    tets = torch.tensor([[0, 1, 2, 3]])
+    v, f = marching_tets(verts, tets, torch.tensor([0.0, 1, 1, 1]))
+    assert len(f) == 0
+    v, f = marching_tets(verts, tets, torch.tensor([-1.0, 0, 1, 1]))
+    assert f.shape == (1, 3)
+    corners = sorted(v[f[0]].tolist())
+    assert corners == [[0.0, 0.0, 0.5], [0.0, 0.5, 0.0], [1.0, 0.0, 0.0]]  # edge midpoints and vertex 1
+
+
+def test_defaults_and_construction():
+    """The documented defaults (32 cubes per axis, a sphere of radius 0.5, deformation up to half a cell),
+    the accepted resolutions, and a state dict of the trainable parts only (the grid is made in code)."""
+    g = DMTet()
+    assert g.resolution == 32 and g.max_deform == 0.5
+    assert torch.allclose(g.sdf, g.grid.norm(dim=-1) - 0.5)
+    assert DMTet(resolution=2).tets.shape == (48, 4)
+    for bad in (1, 2.0, "8"):
+        with pytest.raises(ConfigError):
+            DMTet(resolution=bad)
+    g = DMTet(resolution=4, radius=2.0, sphere_radius=0.7)
+    assert set(g.state_dict()) == {"box", "sdf", "deform"}
+    verts, _ = tet_grid(4)
+    assert torch.allclose(g.grid, verts * 2.0)  # the scene box [-2, 2]³, centred
+    assert torch.allclose(g.sdf, verts.norm(dim=-1) * 2.0 - 0.7)  # world distance to the sphere
+
+
+def test_vertices_move_at_most_the_given_fraction_of_a_cell():
+    g = DMTet(resolution=4, radius=1.5, max_deform=0.3)
+    with torch.no_grad():
+        g.deform.fill_(math.atanh(0.5))
+        g.deform[0] = -100.0
+    moved = g.vertices() - g.grid
+    cell = 2 * 1.5 / 4
+    assert torch.allclose(moved[1:], torch.full_like(moved[1:], 0.5 * 0.3 * cell))
+    assert torch.allclose(moved[0], torch.full((3,), -0.3 * cell))
+
+
+def test_albedo_comes_from_the_colour_field():
+    torch.manual_seed(0)
+    color = DenseGrid(resolution=6)
+    with torch.no_grad():
+        color.albedo_grid.normal_()
+    pts = torch.rand(50, 3) * 2 - 1
+    assert torch.equal(DMTet(resolution=2, color=color).albedo(pts), color.albedo(pts))
+    with pytest.raises(ConfigError, match="no colour field"):
+        DMTet(resolution=2).albedo(pts)

@@ -1,5 +1,7 @@
+import pytest
 import torch
 
+from text23d.errors import ConfigError
 from text23d.geometry.base import Geometry
 from text23d.geometry.grid import DenseGrid
 from text23d.geometry.nerf import NeRFMLP
@@ -50,10 +52,10 @@ def test_grid_analytic_normals_match_autograd_of_grid_sample_per_component():
 def test_grid_normals_with_the_blob_match_autograd_of_the_density():
     """Field and blob of comparable size: the blob's term and the grid's scale to world units both count."""
     torch.manual_seed(1)
-    g = DenseGrid(resolution=12, radius=1.0, blob_density=4.0, blob_radius=0.8)
+    g = DenseGrid(resolution=12, radius=1.5, blob_density=4.0, blob_radius=0.8)
     with torch.no_grad():
         g.density_grid.normal_()
-    pts = torch.rand(300, 3) * 1.6 - 0.8
+    pts = torch.rand(300, 3) * 2.4 - 1.2
     want = _autograd_normals(g, pts, g.density)
     assert (g.normals(pts) - want).abs().max() < 1e-4
     # The finite differences of the base class approximate the same normals on a smooth field.
@@ -94,3 +96,42 @@ def test_grid_density_and_albedo_alone_equal_the_joint_lookup():
     # one ulp: a few ulps of the density (up to ~15) are allowed, a wrong lookup is off by O(1).
     assert torch.allclose(g.density(pts), dens, rtol=1e-6, atol=1e-5)
     assert torch.allclose(g.albedo(pts), alb, rtol=1e-6, atol=1e-6)
+
+
+def test_grid_defaults_and_accepted_resolutions():
+    g = DenseGrid()
+    assert g.resolution == 64 and g.density_grid.shape == (64**3,) and g.albedo_grid.shape == (64**3, 3)
+    assert set(g.state_dict()) == {"density_grid", "albedo_grid"}  # the corner offsets are not saved
+    assert DenseGrid(resolution=2).density_grid.shape == (8,)
+    with pytest.raises(ConfigError, match="resolution=1"):
+        DenseGrid(resolution=1)
+
+
+def test_grid_points_outside_the_box_read_the_border():
+    """No blob: density and albedo are the grid's alone. The 8 corners of the box read the 8 corner
+    entries (x fastest), and a point outside reads the nearest border point, normals included."""
+    torch.manual_seed(0)
+    R, r = 5, 1.5
+    g = DenseGrid(resolution=R, radius=r, blob_density=0.0)
+    with torch.no_grad():
+        g.density_grid.normal_()
+        g.albedo_grid.normal_()
+    corners = torch.tensor([[x, y, z] for z in (-r, r) for y in (-r, r) for x in (-r, r)])
+    flat = [(z * R + y) * R + x for z in (0, R - 1) for y in (0, R - 1) for x in (0, R - 1)]
+    soft, sig = torch.nn.functional.softplus, torch.sigmoid
+    assert torch.allclose(g.density(corners), soft(g.density_grid[flat]), atol=1e-6)
+    assert torch.allclose(g.albedo(corners), sig(g.albedo_grid[flat]), atol=1e-6)
+    assert torch.allclose(g(corners * 3)[0], soft(g.density_grid[flat]), atol=1e-6)
+    outside = torch.rand(400, 3) * 6 * r - 3 * r
+    outside = outside[(outside.abs() > r).any(-1)]
+    border = outside.clamp(-r, r)
+    for f in (g.density, g.albedo, g.normals):
+        assert torch.allclose(f(outside), f(border), atol=1e-6), f
+
+
+def test_geometry_defaults_and_refused_settings():
+    g = DenseGrid(resolution=2)
+    assert (g.radius, g.blob_density, g.blob_radius, g.normal_eps) == (1.0, 10.0, 0.5, 0.01)
+    for bad in (dict(radius=0.0), dict(blob_radius=0.0), dict(normal_eps=0.0), dict(radius=-1.0)):
+        with pytest.raises(ConfigError, match="all must be > 0"):
+            DenseGrid(resolution=2, **bad)

@@ -9,6 +9,7 @@ import torch
 from text23d import accel
 from text23d.checkpoint import AtomicCheckpointIO
 from text23d.errors import ConfigError
+from text23d.geometry.base import Geometry
 from text23d.geometry.hashgrid import HashEncoding, HashGrid, TcnnHashEncoding, level_layout
 
 
@@ -170,3 +171,104 @@ def test_bad_settings_are_refused():
     if accel.load("tinycudann") is None:
         with pytest.raises(ConfigError, match="implementation=tinycudann but"):
             HashGrid(implementation="tinycudann")
+
+
+def test_defaults_are_tcnns_and_the_settings_reach_the_layers():
+    """Constructed with no arguments: tcnn's default grid (16 levels × 2 features, 2^19 entries, base
+    resolution 16, scale 1.447269), 64 hidden units; tcnn's ±1e-4 uniform init of the table."""
+    enc = HashEncoding()
+    assert enc.levels == level_layout(16, 19, 16, 1.447269) and enc.n_features == 2
+    assert enc.params.numel() == (enc.levels[-1][3] + enc.levels[-1][2]) * 2
+    assert enc.params.abs().max() <= 1e-4 and enc.params.min() < -9e-5 and enc.params.max() > 9e-5
+    assert list(enc.state_dict()) == ["params"]  # the corner and prime buffers are not saved
+    g = HashGrid()  # implementation "auto": the torch path where tcnn is missing
+    assert g.implementation == ("tinycudann" if accel.load("tinycudann") is not None else "torch")
+    if g.implementation == "torch":
+        assert g.encoding.levels == enc.levels
+    assert g.normal_type == "finite_difference"
+    for net in (g.density_net, g.feature_net):
+        assert net[0].in_features == 32 and net[0].out_features == 64
+    g = HashGrid(n_levels=3, n_features=4, log2_table=8, base_resolution=4, per_level_scale=1.5, hidden=7,
+                 implementation="torch")
+    assert g.encoding.levels == level_layout(3, 8, 4, 1.5) and g.encoding.n_features == 4
+    shapes = {k: tuple(v.shape) for k, v in g.state_dict().items() if not k.startswith("encoding")}
+    assert shapes == {"density_net.0.weight": (7, 12), "density_net.2.weight": (1, 7),  # no biases
+                      "feature_net.0.weight": (7, 12), "feature_net.2.weight": (3, 7)}
+
+
+def test_the_accepted_ranges_of_the_settings():
+    for ok in (dict(n_levels=1), dict(log2_table=4), dict(log2_table=24, n_levels=1, base_resolution=4)):
+        HashGrid(implementation="torch", **{**dict(n_levels=2, log2_table=8, base_resolution=4), **ok})
+    for bad in (dict(n_levels=0), dict(n_levels=2.0), dict(log2_table=3), dict(log2_table=25), dict(log2_table=8.0)):
+        with pytest.raises(ConfigError, match="n_levels"):
+            HashGrid(implementation="torch", **{**dict(n_levels=2, log2_table=8, base_resolution=4), **bad})
+    with pytest.raises(ConfigError, match="geometry.normals='exact'"):
+        HashGrid(implementation="torch", normals="exact", **GRID)
+    with pytest.raises(ConfigError, match="geometry.implementation='cuda'"):
+        HashGrid(implementation="cuda", **GRID)
+
+
+def test_the_tcnn_path_is_chosen_when_tcnn_loads(monkeypatch):
+    """With tinycudann importable (the stand-in here), `tinycudann` and `auto` both build the tcnn
+    encoding with the grid's settings; `torch` still builds the torch one."""
+    monkeypatch.setitem(accel._found, "tinycudann", STAND_IN_TCNN)
+    for implementation in ("tinycudann", "auto"):
+        g = HashGrid(implementation=implementation, **GRID)
+        assert g.implementation == "tinycudann" and isinstance(g.encoding, TcnnHashEncoding)
+        math_ = g.encoding.encoding.math
+        assert math_.levels == level_layout(4, 10, 4, 2.0) and math_.n_features == GRID["n_features"]
+        assert g.encoding.params.shape == HashEncoding(*GRID.values()).params.shape
+    assert isinstance(HashGrid(implementation="torch", **GRID).encoding, HashEncoding)
+
+
+def test_the_box_maps_onto_the_encoding_and_outside_points_take_the_border_value():
+    """World points in [-radius, radius]³ map to u = (p / radius + 1) / 2 in [0, 1]³; points outside
+    the box read the field at the nearest border point (no blob, so density is the field alone); and
+    the joint lookup (forward) equals density() and albedo()."""
+    torch.manual_seed(0)
+    g = randomised(HashGrid(implementation="torch", radius=2.0, blob_density=0.0, **GRID))
+    inside = torch.rand(200, 3) * 4 - 2
+    h = g.encoding((inside / 2 + 1) / 2)
+    with torch.no_grad():
+        field = h @ g.density_net[0].weight.t()
+        want_d = torch.nn.functional.softplus(field.relu() @ g.density_net[2].weight.t())[:, 0]
+        want_a = torch.sigmoid((h @ g.feature_net[0].weight.t()).relu() @ g.feature_net[2].weight.t())
+    assert torch.allclose(g.density(inside), want_d, rtol=1e-5, atol=1e-6)
+    assert torch.allclose(g.albedo(inside), want_a, rtol=1e-5, atol=1e-6)
+    outside = torch.rand(300, 3) * 12 - 6
+    outside = outside[(outside.abs() > 2).any(-1)]
+    border = outside.clamp(-2, 2)
+    assert torch.allclose(g.density(outside), g.density(border), rtol=1e-6, atol=1e-7)
+    assert torch.allclose(g.albedo(outside), g.albedo(border), rtol=1e-6, atol=1e-7)
+    assert g.density(border).std() > 0.1 and g.albedo(border).std() > 0.1  # the border is not flat
+    pts = torch.cat([inside, outside])
+    d, a = g(pts)
+    assert torch.allclose(d, g.density(pts), rtol=1e-5, atol=1e-6)
+    assert torch.allclose(a, g.albedo(pts), rtol=1e-5, atol=1e-6)
+
+
+def test_finite_difference_normals_are_the_base_class_ones():
+    torch.manual_seed(0)
+    g = randomised(HashGrid(implementation="torch", blob_density=0.0, normal_eps=0.2, **GRID))
+    pts = torch.rand(100, 3) * 1.6 - 0.8
+    fd = g.normals(pts)
+    assert torch.equal(fd, Geometry.normals(g, pts))
+    g.normal_type = "analytic"
+    assert (fd - g.normals(pts)).abs().max() > 0.1  # eps = 0.2 is coarse: the two differ
+
+
+def test_analytic_normals_are_differentiable_in_the_points_and_the_parameters():
+    """While grad is enabled (training: the orientation loss), the normals carry a graph: their
+    derivative in the points matches finite differences of the normals themselves (float64)."""
+    torch.manual_seed(0)
+    g = randomised(HashGrid(implementation="torch", blob_density=0.0, normals="analytic", **GRID)).double()
+    pts = (torch.rand(20, 3, dtype=torch.float64) * 1.6 - 0.8).requires_grad_(True)
+    w = torch.randn(20, 3, dtype=torch.float64)
+    n = g.normals(pts)
+    grad_p, grad_w = torch.autograd.grad((n * w).sum(), [pts, g.density_net[0].weight])
+    assert grad_w.abs().sum() > 0
+    step = torch.randn(20, 3, dtype=torch.float64) * 1e-6
+    with torch.no_grad():
+        fd = ((g.normals(pts + step) - g.normals(pts - step)) * w).sum() / 2
+        assert not g.normals(pts).requires_grad  # no graph without grad
+    assert (grad_p * step).sum().item() == pytest.approx(fd.item(), rel=1e-4, abs=1e-9)

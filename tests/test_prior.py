@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file
 from transformers import CLIPTokenizer
 
@@ -363,3 +364,163 @@ def test_missing_hub_id_unreachable_endpoint_fails_fast(tmp_path, monkeypatch):
         load_prior("text23d-test/does-not-exist")
     assert time.monotonic() - start < 60
     assert "http://127.0.0.1:9" in str(err.value) and "HF_HUB_OFFLINE=1" in str(err.value)
+
+
+# --- the operations guidance uses ------------------------------------------------------------
+
+
+def _edited_copy(model, tmp_path, file, **changes):
+    """A copy of a tiny model folder with some keys of one JSON config file changed."""
+    import json
+
+    folder = shutil.copytree(model, tmp_path / "edited")
+    path = folder / file
+    path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))
+    return folder
+
+
+def test_repr_names_the_model(tiny_latent_model, tiny_pixel_model):
+    for model, kind, channels in ((tiny_latent_model, "latent", 4), (tiny_pixel_model, "pixel", 3)):
+        prior = load_prior(str(model))
+        assert repr(prior) == f"Prior({prior.name!r}, {kind}, 16px, {channels}ch, torch.float32, cpu)"
+
+
+def test_sample_prediction_converted_to_epsilon(tmp_path):
+    """An x0-predicting model: the ε returned, with the model's x0, rebuilds x_t by the scheduler's own
+    forward process (DDPMScheduler.add_noise: x_t = sqrt(ᾱ)·x0 + sqrt(1−ᾱ)·ε)."""
+    prior = load_prior(str(build_tiny_model(tmp_path, "pixel", prediction_type="sample")))
+    assert prior.prediction_type == "sample"
+    torch.manual_seed(0)
+    x_t, t = torch.randn(2, 3, 16, 16), torch.tensor([50, 800])
+    emb = prior.encode_text(["a cube", "a sphere"])
+    with torch.no_grad():
+        x0 = prior.unet(x_t, t, encoder_hidden_states=emb).sample
+        eps = prior.predict_noise(x_t, t, emb)
+    assert eps.dtype == torch.float32
+    assert torch.allclose(prior.scheduler.add_noise(x0, eps, t), x_t, atol=1e-5)
+    assert not torch.allclose(eps, x0, atol=1e-2)
+
+
+def test_predict_noise_broadcasts_one_timestep(pixel_prior):
+    torch.manual_seed(1)
+    x_t = torch.randn(2, 3, 16, 16)
+    emb = pixel_prior.encode_text(["a red cube", "a blue sphere"])
+    with torch.no_grad():
+        one = pixel_prior.predict_noise(x_t, 300, emb)
+        both = pixel_prior.predict_noise(x_t, torch.tensor([300, 300]), emb)
+    assert torch.equal(one, both)
+
+
+def test_bfloat16_prior_takes_and_returns_float32(tiny_pixel_model, pixel_prior):
+    """Renders and x_t arrive in float32: the prior casts them to its dtype, and ε̂ comes back in float32."""
+    half = load_prior(str(tiny_pixel_model), dtype="bfloat16")
+    rgb = torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(2))
+    x = half.images_to_model_space(rgb)
+    assert x.dtype == torch.bfloat16 and torch.equal(x, (rgb * 2 - 1).bfloat16())
+    emb = pixel_prior.encode_text(["a red cube"])
+    x_t, t = torch.randn(1, 3, 16, 16, generator=torch.Generator().manual_seed(3)), torch.tensor([400])
+    with torch.no_grad():
+        eps, ref = half.predict_noise(x_t, t, emb), pixel_prior.predict_noise(x_t, t, emb)
+    assert eps.dtype == torch.float32
+    assert (eps - ref).abs().max() <= 0.05 * ref.abs().max()  # bfloat16 keeps 8 bits of mantissa
+
+
+def test_images_are_resized_bilinearly(pixel_prior):
+    """Renders of another size are resized to the model's 16 px by bilinear interpolation (half-pixel
+    centres, no antialiasing): 32 -> 16 is the mean of each 2×2 block; 8 -> 16 is torch's bilinear."""
+    gen = torch.Generator().manual_seed(4)
+    big, small = torch.rand(2, 3, 32, 32, generator=gen), torch.rand(2, 3, 8, 8, generator=gen)
+    down = pixel_prior.images_to_model_space(big)
+    assert torch.allclose(down, F.avg_pool2d(big, 2) * 2 - 1, atol=1e-6)
+    up = pixel_prior.images_to_model_space(small)
+    want = F.interpolate(small, size=(16, 16), mode="bilinear", align_corners=False) * 2 - 1
+    assert torch.allclose(up, want, atol=1e-6)
+    nearest = F.interpolate(small, size=(16, 16), mode="nearest") * 2 - 1
+    assert not torch.allclose(up, nearest, atol=1e-2)
+
+
+@pytest.mark.parametrize("shape", [(1, 16, 16, 3), (2, 3, 16), (1, 4, 16, 16)])
+def test_images_in_another_layout_are_rejected(pixel_prior, shape):
+    with pytest.raises(ValueError, match=r"expected rgb of shape \(B, 3, H, W\)"):
+        pixel_prior.images_to_model_space(torch.rand(shape))
+
+
+def test_prior_moves_everything_to_its_device(tiny_latent_model):
+    """to(device) moves the U-Net, the VAE, ᾱ and a text encoder loaded later (PyTorch's "meta" device:
+    shapes without data, so no GPU is needed to see a tensor left on the CPU)."""
+    prior = load_prior(str(tiny_latent_model))
+    assert prior.to("meta") is prior and prior.device == torch.device("meta") and "meta" in repr(prior)
+    assert {p.device.type for m in (prior.unet, prior.vae) for p in m.parameters()} == {"meta"}
+    assert prior.alphas_cumprod.device.type == "meta"
+    emb = prior.encode_text(["a red cube", ""])  # the encoder is loaded now, on the CPU, then moved
+    assert emb.device.type == "meta" and emb.shape == (2, 16, 32)
+    x = prior.images_to_model_space(torch.zeros(2, 3, 16, 16, device="meta"))
+    assert x.device.type == "meta" and x.shape == (2, 4, 8, 8)
+    assert prior.predict_noise(x, [10, 20], emb).device.type == "meta"
+
+
+def test_encode_text_takes_one_prompt_as_a_string(pixel_prior):
+    one = pixel_prior.encode_text("a red cube")
+    assert one.shape == (1, 16, 32) and torch.equal(one, pixel_prior.encode_text(["a red cube"]))
+
+
+def _direct(prior, prompts, mask: bool, length: int):
+    """The text encoder called directly on the padded tokens, with or without their padding mask."""
+    batch = prior._tokenizer(prompts, padding="max_length", max_length=length, truncation=True, return_tensors="pt")
+    kwargs = {"attention_mask": batch.attention_mask} if mask else {}
+    with torch.no_grad():
+        return prior._text_encoder(batch.input_ids, **kwargs)[0]
+
+
+def test_clip_is_encoded_without_a_padding_mask_unless_its_config_asks(tiny_pixel_model, tmp_path):
+    """SD's CLIP was trained without a padding mask; a config with use_attention_mask=true gets one."""
+    prompts = ["a red cube", "a blue sphere"]
+    plain = load_prior(str(tiny_pixel_model))
+    emb = plain.encode_text(prompts)
+    assert torch.equal(emb, _direct(plain, prompts, mask=False, length=16))
+    assert not torch.allclose(emb, _direct(plain, prompts, mask=True, length=16), atol=1e-4)
+    masked = load_prior(str(_edited_copy(tiny_pixel_model, tmp_path, "text_encoder/config.json", use_attention_mask=True)))
+    assert torch.equal(masked.encode_text(prompts), _direct(masked, prompts, mask=True, length=16))
+
+
+def test_t5_is_encoded_with_its_padding_mask_to_77_tokens(tmp_path):
+    """DeepFloyd IF's T5: trained with a padding mask; its tokenizer has no length limit, so 77 tokens."""
+    prior = load_prior(str(build_tiny_if_model(tmp_path / "if")))
+    prompts = ["a red cube", "a blue sphere"]
+    emb = prior.encode_text(prompts)
+    assert emb.shape == (2, 77, 32)
+    assert torch.equal(emb, _direct(prior, prompts, mask=True, length=77))
+    assert not torch.allclose(emb, _direct(prior, prompts, mask=False, length=77), atol=1e-4)
+
+
+def test_no_token_limit_falls_back_to_the_encoders_positions(tiny_pixel_model, tmp_path):
+    """A tokenizer saved without a limit ("1e30") pads to the encoder's max_position_embeddings (16 here)."""
+    folder = _edited_copy(tiny_pixel_model, tmp_path, "tokenizer/tokenizer_config.json",
+                          model_max_length=1000000000000000019884624838656)
+    prior = load_prior(str(folder))
+    emb = prior.encode_text(["a red cube", "a blue sphere"])
+    assert prior._tokenizer.model_max_length > 100_000 and emb.shape == (2, 16, 32)
+    assert text_close(emb, load_prior(str(tiny_pixel_model)).encode_text(["a red cube", "a blue sphere"]))
+
+
+def test_long_prompts_are_truncated_with_one_short_warning(pixel_prior):
+    """16 tokens (start + 14 words + end) fit silently; longer prompts are cut to 16 tokens, and one
+    warning counts them and shows the first, cut to 77 characters + "..." when longer than 80."""
+    import warnings
+
+    fits = " ".join(["red"] * 14)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert pixel_prior.encode_text([fits]).shape == (1, 16, 32)
+    long80 = " ".join(["red"] * 20)  + "d"  # 20 words (the last "redd"), exactly 80 characters
+    assert len(long80) == 80
+    long81 = long80 + "s"
+    for shown_first, expected in ((long80, repr(long80)), (long81, repr(long81[:77] + "..."))):
+        with pytest.warns(UserWarning) as record:
+            emb = pixel_prior.encode_text([shown_first, "a red cube", long81])
+        assert emb.shape == (3, 16, 32)
+        message = str(record[0].message)
+        assert message.startswith("2 prompt(s) longer than the text encoder's 16 tokens were truncated to their first 16")
+        assert f"e.g. {expected} ({len(shown_first)} characters)" in message
+    # The cut prompt is encoded as its first 16 tokens: the same as the 14 words of it that fit.
+    assert text_close(pixel_prior.encode_text([long80])[0], pixel_prior.encode_text([fits])[0])

@@ -138,3 +138,114 @@ def test_skipping_invisible_samples_changes_neither_image_nor_gradient():
 def test_bad_skip_weight_is_refused():
     with pytest.raises(ConfigError, match="skip_weight=1.5"):
         VolumeRenderer(skip_weight=1.5)
+
+
+def test_ray_sphere_matches_the_quadratic_roots():
+    """near/far/hit against the roots of |o + t·d|² = r², solved per ray in plain Python: rays from
+    outside through the sphere, from inside, missing it, and with the sphere behind the origin."""
+    from text23d.renderers.volume import ray_sphere
+
+    g = torch.Generator().manual_seed(0)
+    o = torch.randn(200, 3, generator=g) * 1.2
+    d = torch.nn.functional.normalize(torch.randn(200, 3, generator=g), dim=-1)
+    d[:50] = torch.nn.functional.normalize(-o[:50] + 0.3 * torch.randn(50, 3, generator=g), dim=-1)  # towards
+    d[50:80] = -d[:30]  # away from it: the sphere is behind (or around) the origin
+    radius = 0.9
+    near, far, hit = ray_sphere(o, d, radius)
+    kinds = set()
+    for k in range(len(o)):
+        ok, dk = o[k].tolist(), d[k].tolist()
+        b = sum(x * y for x, y in zip(ok, dk))
+        c = sum(x * x for x in ok) - radius * radius
+        disc = b * b - c
+        if disc <= 0:
+            exp_hit, exp_near, exp_far = False, max(-b, 0.0), max(-b, 0.0)
+        else:
+            t0, t1 = -b - math.sqrt(disc), -b + math.sqrt(disc)
+            exp_near, exp_far = max(t0, 0.0), max(t1, 0.0)
+            exp_hit = t1 > 0
+        kinds.add((exp_hit, c < 0, disc > 0))
+        assert bool(hit[k]) == exp_hit, k
+        if exp_hit:
+            assert abs(near[k].item() - exp_near) < 1e-5 and abs(far[k].item() - exp_far) < 1e-5, k
+    assert {(True, True, True), (True, False, True), (False, False, True), (False, False, False)} <= kinds
+
+
+def test_shading_matches_the_per_sample_formula():
+    """`shade` against DreamFusion's formula evaluated sample by sample, for every mode, with an
+    ambient/diffuse pair that drives the light both below 0 and above 1 (the clamp must act)."""
+    from text23d.renderers.volume import shade
+
+    g = torch.Generator().manual_seed(1)
+    n_pts = 64
+    albedo = torch.rand(n_pts, 3, generator=g)
+    normals = torch.nn.functional.normalize(torch.randn(n_pts, 3, generator=g), dim=-1)
+    points = torch.randn(n_pts, 3, generator=g) * 0.5
+    light = torch.randn(n_pts, 3, generator=g) * 2
+    for ambient, diffuse in ((0.1, 0.9), (-0.3, 1.8)):
+        for mode in ("albedo", "lambertian", "textureless", "normal"):
+            out = shade(albedo, normals, points, light, mode, ambient, diffuse)
+            assert out.shape == (n_pts, 3)
+            for k in range(n_pts):
+                nk, pk, lk = normals[k].tolist(), points[k].tolist(), light[k].tolist()
+                if mode == "albedo":
+                    expected = albedo[k].tolist()
+                elif mode == "normal":
+                    expected = [(x + 1) / 2 for x in nk]
+                else:
+                    v = [a - b for a, b in zip(lk, pk)]
+                    norm = math.sqrt(sum(x * x for x in v))
+                    cos = sum(x * y / norm for x, y in zip(nk, v))
+                    lam = ambient + diffuse * max(cos, 0.0)
+                    base = albedo[k].tolist() if mode == "lambertian" else [1.0, 1.0, 1.0]
+                    expected = [min(max(x * lam, 0.0), 1.0) for x in base]
+                assert torch.allclose(out[k], torch.tensor(expected), atol=1e-5), (mode, ambient, k)
+
+
+def test_occupancy_grids_follow_the_renderer_settings():
+    """make_occupancy: None when off; else a fresh grid over the renderer's box with the given settings."""
+    from text23d.renderers.occupancy import OccupancyGrid
+
+    assert VolumeRenderer(occupancy=None).make_occupancy() is None
+    assert VolumeRenderer(occupancy={}).make_occupancy() is None
+    renderer = VolumeRenderer(radius=1.5, occupancy={"resolution": 8, "threshold": 0.2})
+    a, b = renderer.make_occupancy(), renderer.make_occupancy()
+    assert isinstance(a, OccupancyGrid) and a is not b
+    assert (a.radius, a.resolution, a.threshold) == (1.5, 8, 0.2)
+    assert a.occupied.shape == (8**3,)
+
+
+def test_defaults_are_the_documented_ones():
+    """The constructor's defaults match conf/renderer/volume.yaml's shading and skip settings."""
+    import yaml
+    from pathlib import Path
+
+    cfg = yaml.safe_load((Path(__file__).parents[1] / "conf/renderer/volume.yaml").read_text())
+    r = VolumeRenderer()
+    assert (r.ambient, r.diffuse, r.skip_weight) == (cfg["ambient"], cfg["diffuse"], cfg["skip_weight"])
+    assert r.radius == 1.0 and r.occupancy is None
+    assert r.sample_spacing == 2 * 1.0 / r.num_samples
+
+
+def test_sample_count_and_skip_weight_bounds():
+    """One sample per ray is the smallest allowed count (and renders the midpoint); skip_weight must lie
+    in [0, 1); the default sample count is the error message's typical one."""
+    with pytest.raises(ConfigError, match="num_samples=0") as err:
+        VolumeRenderer(num_samples=0)
+    assert VolumeRenderer().num_samples == int(str(err.value).split("typical: ")[1].rstrip(")"))
+    with pytest.raises(ConfigError, match="skip_weight=1"):
+        VolumeRenderer(skip_weight=1.0)
+    VolumeRenderer(skip_weight=0.0)
+    out = VolumeRenderer(num_samples=1)(ConstantBall(2.0, 0.5), Background("solid", (0, 0, 1)), front_camera(), 1, 1)
+    assert abs(out["opacity"].item() - (1 - math.exp(-2.0 * 2.0))) < 1e-5  # σ over the whole 2-unit chord
+
+
+def test_normals_are_computed_only_when_needed():
+    """Albedo shading alone skips the normals (a finite-difference pass per sample); asking for them,
+    or any shading that uses them, adds per-sample and composited normals."""
+    geom, bg, cams = ConstantBall(2.0, 0.5), Background("solid"), front_camera()
+    renderer = VolumeRenderer(num_samples=8)
+    assert not {"normals", "comp_normal"} & set(renderer(geom, bg, cams, 1, 1))
+    for kwargs in ({"need_normals": True}, {"shading": "lambertian"}, {"shading": "normal"}):
+        out = renderer(geom, bg, cams, 1, 1, **kwargs)
+        assert out["normals"].shape == (1, 8, 3) and out["comp_normal"].shape == (1, 1, 1, 3), kwargs

@@ -6,6 +6,7 @@ import torch
 from helpers import NET_RTOL, assert_grad_close, cfg_amplification, text_pair as _text
 
 from text23d.errors import ConfigError
+from text23d.guidance.cfg import guided_noise
 from text23d.guidance.sds import SDSGuidance
 
 
@@ -165,3 +166,156 @@ def test_max_t_as_a_ramp_is_threestudios_anneal(pixel_prior):
 def test_invalid_arguments(kwargs, match):
     with pytest.raises(ConfigError, match=match):
         SDSGuidance(**kwargs)
+
+
+def test_defaults_are_dreamfusions(pixel_prior):
+    """SDSGuidance() is DreamFusion's SDS: CFG 100, w(t) = 1 − ᾱ_t, t ~ U{20, ..., 980} of T = 1000."""
+    sds = SDSGuidance()
+    assert (sds.guidance_scale, sds.weighting, sds.min_step_percent, sds.max_step_percent) == (100.0, "sds", 0.02, 0.98)
+    assert sds.grad_clip is None and sds.view_guidance_scale is None and sds.anneal_max_step_percent is None
+    assert sds.anneal_at_fraction == 0.5  # where an anneal, once set, starts
+    assert [SDSGuidance(anneal_max_step_percent=0.5).max_step_at(s, 100) for s in (49, 50)] == [0.98, 0.5]
+    torch.manual_seed(11)
+    t = sds.sample_timesteps(pixel_prior, 20_000)
+    assert t.min() == 20 and t.max() == 980
+
+
+def test_timestep_range_reaches_t_minus_one_and_no_further(pixel_prior):
+    """max_step_percent = 1: t up to T − 1 = 999 (the last index of ᾱ), never T."""
+    torch.manual_seed(12)
+    t = SDSGuidance(min_step_percent=0.9, max_step_percent=1.0).sample_timesteps(pixel_prior, 5000)
+    assert t.min() == 900 and t.max() == 999
+
+
+def test_max_step_at_without_the_step_or_the_stage_length():
+    annealed = SDSGuidance(anneal_max_step_percent=0.5, anneal_at_fraction=0.4)
+    # No stage length (or no step): the anneal cannot be placed, so max t stays max_step_percent.
+    assert annealed.max_step_at(70, None) == 0.98 and annealed.max_step_at(None, 100) == 0.98
+    assert SDSGuidance().max_step_at(70, 100) == 0.98  # no anneal configured
+
+
+def test_ramp_is_linear_between_its_steps_and_constant_outside():
+    ramp = SDSGuidance(max_step_percent=[100, 0.9, 0.5, 200])
+    values = [ramp.max_step_at(s, None) for s in (0, 50, 100, 150, 175, 200, 300)]
+    assert values == pytest.approx([0.9, 0.9, 0.9, 0.7, 0.6, 0.5, 0.5])
+    jump = SDSGuidance(max_step_percent=[100, 0.98, 0.5, 100])  # start step = end step: a jump at that step
+    assert [jump.max_step_at(s, None) for s in (99, 100, 101)] == [0.98, 0.5, 0.5]
+
+
+def test_annealed_max_t_reaches_the_sampled_timesteps_through_the_call(pixel_prior):
+    """step / max_steps passed to __call__ lower the sampled t once step ≥ anneal_at_fraction · max_steps."""
+    torch.manual_seed(13)
+    batch = 32
+    cond, uncond = _text(pixel_prior, batch)
+    rgb = torch.rand(batch, 16, 16, 3)
+    sds = SDSGuidance(guidance_scale=7.5, anneal_max_step_percent=0.3, anneal_at_fraction=0.5)
+    late = sds(pixel_prior, rgb, cond, uncond, step=60, max_steps=100)["t"]
+    early = sds(pixel_prior, rgb, cond, uncond, step=40, max_steps=100)["t"]
+    assert 20 <= late.min() and late.max() <= 300
+    assert early.max() > 300  # 32 draws from U{20, ..., 980}: all ≤ 300 has probability (281/961)^32 < 1e-16
+
+
+def test_call_passes_the_plain_prompt_for_view_guidance(pixel_prior):
+    """__call__ (renderer layout) and from_model_space (x = 2·rgb − 1 at native size) agree with view guidance on."""
+    torch.manual_seed(14)
+    emb = pixel_prior.encode_text(["a red cube, front view", "", "a red cube"])
+    cond, uncond, plain = (e[None].expand(2, -1, -1) for e in emb)
+    rgb = torch.rand(2, 16, 16, 3)
+    t, noise = torch.tensor([300, 800]), torch.randn(2, 3, 16, 16)
+    sds = SDSGuidance(guidance_scale=7.5, view_guidance_scale=30.0)
+    a = sds(pixel_prior, rgb, cond, uncond, t=t, noise=noise, text_plain=plain)
+    b = sds.from_model_space(pixel_prior, rgb.permute(0, 3, 1, 2) * 2 - 1, cond, uncond, t=t, noise=noise, text_plain=plain)
+    assert torch.equal(a["loss_sds"], b["loss_sds"]) and torch.equal(a["t"], t)
+
+
+@pytest.mark.parametrize("shape", [(1, 3, 16, 16), (16, 16, 3), (1, 16, 16, 4)])
+def test_rgb_outside_renderer_layout_is_rejected(pixel_prior, shape):
+    cond, uncond = _text(pixel_prior, 1)
+    with pytest.raises(ValueError, match=r"renderer layout \(B, H, W, 3\)"):
+        SDSGuidance()(pixel_prior, torch.rand(shape), cond, uncond)
+
+
+def test_nonfinite_prediction_is_flagged_and_its_gradient_made_finite(pixel_prior):
+    """A NaN in one view (here a NaN in its noise) sets "nonfinite" and zeroes that view's gradient
+    where it is NaN; the other view keeps its own SDS gradient, the loss and grad norm stay finite."""
+    torch.manual_seed(15)
+    cond, uncond = _text(pixel_prior, 2)
+    x = torch.randn(2, 3, 16, 16, requires_grad=True)
+    t, noise = torch.tensor([300, 600]), torch.randn(2, 3, 16, 16)
+    sds = SDSGuidance(guidance_scale=7.5)
+    clean = sds.from_model_space(pixel_prior, x, cond, uncond, t=t, noise=noise)
+    assert not clean["nonfinite"]
+    noise[0, 0, 0, 0] = float("nan")
+    out = sds.from_model_space(pixel_prior, x, cond, uncond, t=t, noise=noise)
+    assert out["nonfinite"]
+    out["loss_sds"].backward()
+    assert torch.isfinite(x.grad).all() and torch.isfinite(out["loss_sds"]) and torch.isfinite(out["grad_norm"])
+    grad, tol = _reference_grad(pixel_prior, x.detach()[1:], cond[1:], uncond[1:], t[1:], noise[1:], 7.5, with_tol=True)
+    assert_grad_close(x.grad[1:] * 2, grad, tol)
+
+
+def test_guidance_runs_on_the_priors_device(tiny_pixel_model):
+    """t, ε and the loss live on the prior's device (PyTorch's "meta" device: shapes without data, so
+    no GPU is needed to see a tensor left on the CPU)."""
+    from text23d.prior.loading import load_prior
+
+    prior = load_prior(str(tiny_pixel_model))
+    cond, uncond = (e.to("meta") for e in _text(prior, 2))
+    prior.to("meta")
+    sds = SDSGuidance()
+    assert sds.sample_timesteps(prior, 3).device.type == "meta"
+    x = torch.zeros(2, 3, 16, 16, device="meta", requires_grad=True)
+    for t in (None, [100, 200]):
+        out = sds.from_model_space(prior, x, cond, uncond, t=t)
+        assert {v.device.type for v in out.values()} == {"meta"}
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"guidance_scale": 0.0}, {"guidance_scale": 0.5}, {"grad_clip": 0.5}, {"view_guidance_scale": 0.0},
+        {"view_guidance_scale": 0.5}, {"anneal_max_step_percent": 1.0}, {"anneal_at_fraction": 0.0},
+        {"anneal_at_fraction": 1.0}, {"max_step_percent": [100, 0.98, 0.5, 100]},
+    ],
+)
+def test_boundary_arguments_are_accepted_and_kept(kwargs):
+    sds = SDSGuidance(**kwargs)
+    for key, value in kwargs.items():
+        assert (sds.max_step_ramp == tuple(value)) if isinstance(value, list) else (getattr(sds, key) == value)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"anneal_max_step_percent": 1.5}, "anneal_max_step_percent=1.5"),
+        ({"anneal_max_step_percent": 0.02}, "anneal_max_step_percent=0.02"),  # = min: an empty range
+        ({"anneal_at_fraction": 1.5}, "anneal_at_fraction=1.5"),
+        ({"anneal_at_fraction": -0.1}, "anneal_at_fraction=-0.1"),
+        ({"max_step_percent": [0, 0.98, 0.5]}, "a number or a ramp"),
+        ({"max_step_percent": [0, "0.98", 0.5, 10]}, "a number or a ramp"),
+        ({"max_step_percent": [True, 0.98, 0.5, 10]}, "a number or a ramp"),
+        ({"max_step_percent": [0, 1.5, 0.5, 10]}, r"max_step_percent=\[0, 1.5, 0.5, 10\] is invalid"),
+        ({"max_step_percent": [-1, 0.98, 0.5, 10]}, "a number or a ramp"),
+    ],
+)
+def test_invalid_schedules(kwargs, match):
+    with pytest.raises(ConfigError, match=match):
+        SDSGuidance(**kwargs)
+
+
+def test_cfg_of_four_views_against_separate_calls(pixel_prior):
+    """guided_noise on B = 4 views with their own prompts and t: each view's ε̂ from its own
+    predictions, for plain CFG and for view guidance (one batched U-Net call of 2B or 3B rows)."""
+    torch.manual_seed(16)
+    emb = pixel_prior.encode_text(["a red cube, front view", "a blue sphere, side view", "", "a red cube", "a blue sphere"])
+    cond, uncond, plain = emb[[0, 1, 0, 1]], emb[[2, 2, 2, 2]], emb[[3, 4, 3, 4]]
+    x_t, t = torch.randn(4, 3, 16, 16), torch.tensor([50, 300, 600, 950])
+    with torch.no_grad():
+        e_c, e_u, e_y = (pixel_prior.unet(x_t, t, encoder_hidden_states=e).sample for e in (cond, uncond, plain))
+        plain_cfg = guided_noise(pixel_prior, x_t, t, cond, uncond, 7.5)
+        view_cfg = guided_noise(pixel_prior, x_t, t, cond, uncond, 7.5, 30.0, plain)
+    eps_scale = max(e.abs().max().item() for e in (e_c, e_u, e_y))
+    expected = e_u + 7.5 * (e_c - e_u)
+    assert_grad_close(plain_cfg, expected, NET_RTOL * cfg_amplification(7.5) * eps_scale, wrong=e_c)
+    tol = NET_RTOL * (6.5 + 22.5 + 30.0) * eps_scale
+    assert_grad_close(view_cfg, e_u + 7.5 * (e_y - e_u) + 30.0 * (e_c - e_y), tol, wrong=expected)

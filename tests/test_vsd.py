@@ -358,3 +358,180 @@ def test_a_missing_lora_base_names_its_own_key(pixel_prior, tmp_path):
                        r"guidance.lora_pretrained_model_name_or_path=/path/to/model\. Or .*=null: a LoRA on a copy") as e:
         vsd.setup(pixel_prior)
     assert "prior.pretrained_model_name_or_path" not in str(e.value)
+
+
+def test_defaults_are_prolificdreamers(pixel_prior):
+    """VSDGuidance(): CFG 7.5, t ~ U{20, ..., 980} then max t 0.5 after 20 % of the run, a rank-4 LoRA
+    trained by AdamW at 1e-4, one LoRA step per 3D step, the camera dropped for 10 % of its views."""
+    vsd = VSDGuidance()
+    assert (vsd.guidance_scale, vsd.lora_guidance_scale, vsd.weighting, vsd.grad_clip) == (7.5, 1.0, "sds", None)
+    assert (vsd.min_step_percent, vsd.max_step_percent, vsd.anneal_max_step_percent, vsd.anneal_at_fraction) == (
+        0.02, 0.98, 0.5, 0.2)
+    assert (vsd.lora_rank, vsd.lora_lr, vsd.lora_steps, vsd.camera_drop_prob) == (4, 1e-4, 1, 0.1)
+    assert vsd.lora_pretrained_model_name_or_path is None and vsd.view_guidance_scale is None and vsd.lora is None
+    torch.manual_seed(20)
+    t = vsd.sample_timesteps(pixel_prior, 20_000)  # no max given: max_step_percent
+    assert t.min() == 20 and t.max() == 980
+    torch.manual_seed(21)
+    t = VSDGuidance(min_step_percent=0.9, max_step_percent=1.0, anneal_max_step_percent=None).sample_timesteps(
+        pixel_prior, 5000)
+    assert t.min() == 900 and t.max() == 999  # up to T − 1, never T
+
+
+def test_lora_rank_and_learning_rate_reach_the_model_and_its_optimizer(pixel_prior):
+    vsd = VSDGuidance(lora_rank=2, lora_lr=3e-3)
+    lora = vsd.setup(pixel_prior)
+    assert lora.rank == 2
+    down = [v for k, v in lora.trainable_state_dict().items() if ".lora_A." in k]
+    assert down and all(v.shape[0] == 2 for v in down)  # A: (rank, in_features)
+    opt = vsd.lora_optimizer()
+    assert isinstance(opt, torch.optim.AdamW) and [g["lr"] for g in opt.param_groups] == [3e-3]
+    assert {id(p) for g in opt.param_groups for p in g["params"]} == {id(p) for p in lora.trainable_parameters()}
+    assert VSDGuidance().setup(pixel_prior).rank == 4
+
+
+def test_vsd_of_four_views_with_lora_cfg(pixel_prior):
+    """B = 4 views, camera CFG 2 on the LoRA: each view against its own separate U-Net calls."""
+    torch.manual_seed(22)
+    batch = 4
+    cond, uncond = _text(pixel_prior, batch)
+    vsd = VSDGuidance(guidance_scale=7.5, lora_guidance_scale=2.0)
+    _perturb_lora(vsd.setup(pixel_prior), seed=22)
+    x = torch.randn(batch, 3, 16, 16, requires_grad=True)
+    c2w, t, noise = _poses(batch, 22), torch.tensor([40, 300, 650, 900]), torch.randn(batch, 3, 16, 16)
+    vsd.from_model_space(pixel_prior, x, cond, uncond, c2w, t=t, noise=noise)["loss_vsd"].backward()
+    grad, tol = _reference_grad(pixel_prior, vsd.lora, x.detach(), cond, uncond, c2w, t, noise, 7.5, 2.0, "sds")
+    wrong, _ = _reference_grad(pixel_prior, vsd.lora, x.detach(), cond, uncond, c2w, t, noise, 7.5, 1.0, "sds")
+    assert_grad_close(x.grad * batch, grad, tol, wrong=wrong)
+
+
+def test_annealed_max_t_reaches_the_sampled_timesteps_through_the_call(pixel_prior):
+    torch.manual_seed(23)
+    batch = 16
+    cond, uncond = _text(pixel_prior, batch)
+    vsd = VSDGuidance(anneal_max_step_percent=0.3, anneal_at_fraction=0.5)
+    vsd.setup(pixel_prior)
+    rgb, c2w = torch.rand(batch, 16, 16, 3), _poses(batch, 23)
+    late = vsd(pixel_prior, rgb, cond, uncond, c2w, step=60, max_steps=100)["t"]
+    early = vsd(pixel_prior, rgb, cond, uncond, c2w, step=40, max_steps=100)["t"]
+    assert 20 <= late.min() and late.max() <= 300
+    assert early.max() > 300  # 16 draws from U{20, ..., 980}: all ≤ 300 has probability < 1e-8
+
+
+def test_call_passes_the_plain_prompt_and_the_draws(pixel_prior):
+    """__call__ (renderer layout) equals from_model_space on x = 2·rgb − 1 (native size), view guidance on."""
+    torch.manual_seed(24)
+    emb = pixel_prior.encode_text(["a red cube, front view", "", "a red cube"])
+    cond, uncond, plain = (e[None].expand(2, -1, -1) for e in emb)
+    vsd = VSDGuidance(view_guidance_scale=30.0)
+    _perturb_lora(vsd.setup(pixel_prior), seed=24)
+    rgb, c2w = torch.rand(2, 16, 16, 3), _poses(2, 24)
+    t, noise = torch.tensor([300, 800]), torch.randn(2, 3, 16, 16)
+    a = vsd(pixel_prior, rgb, cond, uncond, c2w, t=t, noise=noise, text_plain=plain)
+    b = vsd.from_model_space(pixel_prior, rgb.permute(0, 3, 1, 2) * 2 - 1, cond, uncond, c2w, t=t, noise=noise,
+                             text_plain=plain)
+    assert torch.equal(a["loss_vsd"], b["loss_vsd"]) and torch.equal(a["t"], t) and torch.equal(a["x0"], b["x0"])
+    with pytest.raises(ValueError, match=r"renderer layout \(B, H, W, 3\)"):
+        vsd(pixel_prior, rgb.permute(0, 3, 1, 2), cond, uncond, c2w, t=t, noise=noise, text_plain=plain)
+
+
+def test_nonfinite_prediction_is_flagged_and_its_gradient_made_finite(pixel_prior):
+    torch.manual_seed(25)
+    cond, uncond = _text(pixel_prior, 2)
+    vsd = VSDGuidance()
+    _perturb_lora(vsd.setup(pixel_prior), seed=25)
+    x = torch.randn(2, 3, 16, 16, requires_grad=True)
+    c2w, t, noise = _poses(2, 25), torch.tensor([300, 600]), torch.randn(2, 3, 16, 16)
+    assert not vsd.from_model_space(pixel_prior, x, cond, uncond, c2w, t=t, noise=noise)["nonfinite"]
+    noise[0, 0, 0, 0] = float("nan")
+    out = vsd.from_model_space(pixel_prior, x, cond, uncond, c2w, t=t, noise=noise)
+    assert out["nonfinite"]
+    out["loss_vsd"].backward()
+    assert torch.isfinite(x.grad).all() and torch.isfinite(out["loss_vsd"]) and torch.isfinite(out["grad_norm"])
+    grad, tol = _reference_grad(pixel_prior, vsd.lora, x.detach()[1:], cond[1:], uncond[1:], c2w[1:], t[1:],
+                                noise[1:], 7.5, 1.0, "sds")
+    assert_grad_close(x.grad[1:] * 2, grad, tol)
+
+
+def test_vsd_runs_on_the_priors_device(tiny_pixel_model):
+    """t, ε, x0 and the loss live on the prior's device (PyTorch's "meta" device: no GPU needed)."""
+    from text23d.prior.loading import load_prior
+
+    prior = load_prior(str(tiny_pixel_model))
+    cond, uncond = (e.to("meta") for e in _text(prior, 2))
+    prior.to("meta")
+    vsd = VSDGuidance()
+    vsd.setup(prior)
+    assert vsd.sample_timesteps(prior, 3).device.type == "meta"
+    x = torch.zeros(2, 3, 16, 16, device="meta", requires_grad=True)
+    for t in (None, [100, 200]):
+        out = vsd.from_model_space(prior, x, cond, uncond, _poses(2), t=t)
+        assert {v.device.type for v in out.values()} == {"meta"}
+
+
+def _edited_copy(model, tmp_path, component, **changes):
+    """A copy of a tiny model folder with some keys of one component's config changed."""
+    import json
+    import shutil
+
+    folder = shutil.copytree(model, tmp_path / "edited")
+    name = "scheduler_config.json" if component == "scheduler" else "config.json"
+    path = folder / component / name
+    path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))
+    return folder
+
+
+def test_lora_base_with_another_schedule_is_rejected(pixel_prior, tiny_pixel_model, tmp_path):
+    folder = _edited_copy(tiny_pixel_model, tmp_path, "scheduler", beta_schedule="linear", beta_end=0.03)
+    with pytest.raises(ConfigError, match="another noise schedule"):
+        VSDGuidance(lora_pretrained_model_name_or_path=str(folder)).setup(pixel_prior)
+
+
+def test_latent_lora_base_needs_the_priors_vae_scaling(latent_prior, tiny_latent_model, tmp_path):
+    same = VSDGuidance(lora_pretrained_model_name_or_path=str(tiny_latent_model)).setup(latent_prior)
+    assert same.prediction_type == latent_prior.prediction_type  # the same family: accepted
+    folder = _edited_copy(tiny_latent_model, tmp_path, "vae", scaling_factor=0.5)
+    with pytest.raises(ConfigError, match="scaling_factor=0.5"):
+        VSDGuidance(lora_pretrained_model_name_or_path=str(folder)).setup(latent_prior)
+
+
+def test_lora_base_loads_in_the_priors_dtype(tiny_pixel_model):
+    from text23d.prior.loading import load_prior
+
+    prior = load_prior(str(tiny_pixel_model), dtype="bfloat16")
+    lora = VSDGuidance(lora_pretrained_model_name_or_path=str(tiny_pixel_model)).setup(prior)
+    assert {p.dtype for p in lora.parameters() if not p.requires_grad} == {torch.bfloat16}
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"guidance_scale": 0.0}, {"guidance_scale": 0.5}, {"lora_guidance_scale": 0.0}, {"lora_guidance_scale": 0.5},
+        {"grad_clip": 0.5}, {"lora_rank": 1}, {"lora_lr": 1.5}, {"camera_drop_prob": 0.0}, {"camera_drop_prob": 1.0},
+        {"anneal_at_fraction": 0.0}, {"anneal_at_fraction": 1.0}, {"anneal_max_step_percent": 1.0},
+        {"view_guidance_scale": 0.0}, {"max_step_percent": [5000, 0.98, 0.5, 5001], "anneal_max_step_percent": None},
+    ],
+)
+def test_boundary_arguments_are_accepted_and_kept(kwargs):
+    vsd = VSDGuidance(**kwargs)
+    for key, value in kwargs.items():
+        assert (vsd.max_step_ramp == tuple(value)) if isinstance(value, list) else (getattr(vsd, key) == value)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"lora_rank": 2.0}, "lora_rank=2.0"),
+        ({"lora_steps": 1.0}, "lora_steps=1.0"),
+        ({"camera_drop_prob": 1.5}, "camera_drop_prob=1.5"),
+        ({"camera_drop_prob": -0.1}, "camera_drop_prob=-0.1"),
+        ({"anneal_max_step_percent": 1.5}, "anneal_max_step_percent=1.5"),
+        ({"anneal_max_step_percent": 0.02}, "anneal_max_step_percent=0.02"),
+        ({"anneal_at_fraction": -0.1}, "anneal_at_fraction=-0.1"),
+        ({"lora_lr": -1e-4}, "lora_lr=-0.0001"),
+        ({"max_step_percent": [5000, 0.98, 0.5, 5001]}, "is a ramp and anneal_max_step_percent=0.5 an anneal"),
+    ],
+)
+def test_invalid_arguments_at_the_boundaries(kwargs, match):
+    with pytest.raises(ConfigError, match=match):
+        VSDGuidance(**kwargs)
