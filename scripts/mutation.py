@@ -32,7 +32,7 @@ GROUPS = {
     "prior": ["text23d/prior/prior.py"],
     "export": ["text23d/export/threshold.py", "text23d/export/mesh.py", "text23d/export/texture.py"],
 }
-EQUIVALENT = Path(__file__).with_name("mutation_equivalent")  # <group>.txt: module | old line | new line | reason
+EQUIVALENT = Path(__file__).with_name("mutation_equivalent")  # <group>.txt: module || old line || new line || reason
 
 
 def run_mutmut(children: int) -> float:
@@ -53,6 +53,7 @@ def run_mutmut(children: int) -> float:
 
 
 def results() -> dict[str, str]:
+    os.chdir(ROOT)  # mutmut reads its config and mutants/ from the project root
     """{mutant name: status} of the last run, from mutmut's own files."""
     from mutmut.stats import status_by_exit_code
 
@@ -64,9 +65,10 @@ def results() -> dict[str, str]:
 
 
 def diff_of(name: str) -> list[str]:
-    """The changed lines of a mutant ("- old", "+ new"), whitespace stripped."""
-    text = subprocess.run([str(Path(sys.executable).parent / "mutmut"), "show", name], cwd=ROOT,
-                          capture_output=True, text=True).stdout
+    """The changed lines of a mutant ("- old", "+ new"), whitespace stripped (mutmut's own diff)."""
+    from mutmut.mutation.diff_apply import get_diff_for_mutant
+
+    text = get_diff_for_mutant(name, path=Path(module_of(name)))
     return [f"{line[0]} {line[1:].strip()}" for line in text.splitlines()
             if line[:1] in "+-" and not line.startswith(("+++", "---"))]
 
@@ -77,7 +79,11 @@ def equivalents() -> dict[tuple[str, str, str], str]:
     lines = [line for f in sorted(EQUIVALENT.glob("*.txt")) for line in f.read_text().splitlines()]
     for line in lines:
         if line.strip() and not line.startswith("#"):
-            module, old, new, reason = (part.strip() for part in line.split(" | "))
+            parts = [part.strip() for part in line.split(" || ")]  # " | " is Python's or: not a separator
+            if len(parts) != 4:
+                raise SystemExit(f"{line!r}: an equivalent mutant is 'module || old line || new line || reason' "
+                                 f"(4 fields, {len(parts)} here). Fix: the line in scripts/mutation_equivalent/.")
+            module, old, new, reason = parts
             table[(module, old, new)] = reason
     return table
 

@@ -46,14 +46,13 @@ def _field_device(fn: Callable) -> torch.device:
     return torch.device("cpu")
 
 
-@torch.no_grad()
 def _eval_chunked(fn: Callable, points: torch.Tensor, chunk: int) -> torch.Tensor:
     """fn over points (N, 3) in chunks of `chunk` rows, results concatenated on the CPU."""
-    outs = [fn(points[i : i + chunk]).float().cpu() for i in range(0, len(points), chunk)]
-    return torch.cat(outs)
+    with torch.no_grad():
+        outs = [fn(points[i : i + chunk]).float().cpu() for i in range(0, len(points), chunk)]
+        return torch.cat(outs)
 
 
-@torch.no_grad()
 def sample_density_grid(
     density_fn: Callable[[torch.Tensor], torch.Tensor],
     radius: float,
@@ -66,21 +65,22 @@ def sample_density_grid(
     Points are built per chunk from flat indices, so a 512³ grid never holds all its
     coordinates (1.6 GB) in memory at once.
     """
-    if resolution < 2:
-        raise ConfigError(
-            f"export.resolution={resolution} is too small: the grid needs at least 2 "
-            "samples per axis (64-256 is typical). Fix: export.resolution=128."
-        )
-    axis = torch.as_tensor(grid_axis(radius, resolution), dtype=torch.float32, device=device)
-    n = resolution**3
-    out = torch.empty(n, dtype=torch.float32)  # (R³,)
-    for start in range(0, n, chunk):
-        idx = torch.arange(start, min(start + chunk, n), device=device)
-        i, j, k = idx // resolution**2, (idx // resolution) % resolution, idx % resolution
-        pts = torch.stack([axis[i], axis[j], axis[k]], dim=-1)  # (C, 3)
-        out[start : start + len(idx)] = density_fn(pts).reshape(-1).float().cpu()
-    # NaN would silently punch holes in marching cubes; read it as density 0, empty space.
-    return torch.nan_to_num(out, nan=0.0).reshape(resolution, resolution, resolution).numpy()
+    with torch.no_grad():
+        if resolution < 2:
+            raise ConfigError(
+                f"export.resolution={resolution} is too small: the grid needs at least 2 "
+                "samples per axis (64-256 is typical). Fix: export.resolution=128."
+            )
+        axis = torch.as_tensor(grid_axis(radius, resolution), dtype=torch.float32, device=device)
+        n = resolution**3
+        out = torch.empty(n, dtype=torch.float32)  # (R³,)
+        for start in range(0, n, chunk):
+            idx = torch.arange(start, min(start + chunk, n), device=device)
+            i, j, k = idx // resolution**2, (idx // resolution) % resolution, idx % resolution
+            pts = torch.stack([axis[i], axis[j], axis[k]], dim=-1)  # (C, 3)
+            out[start : start + len(idx)] = density_fn(pts).reshape(-1).float().cpu()
+        # NaN would silently punch holes in marching cubes; read it as density 0, empty space.
+        return torch.nan_to_num(out, nan=0.0).reshape(resolution, resolution, resolution).numpy()
 
 
 def density_range(grid: np.ndarray) -> tuple[float, float]:
@@ -88,7 +88,6 @@ def density_range(grid: np.ndarray) -> tuple[float, float]:
     return float(grid.min()), float(grid.max())
 
 
-@torch.no_grad()
 def extract_mesh(
     density_fn: Callable[[torch.Tensor], torch.Tensor],
     color_fn: Callable[[torch.Tensor], torch.Tensor],
@@ -106,44 +105,44 @@ def extract_mesh(
     device:     where query points are built; None = the device of density_fn's module (if it
                 is a bound method of an nn.Module, e.g. geometry.density), else CPU.
     """
-    device = _field_device(density_fn) if device is None else torch.device(device)
-    grid = sample_density_grid(density_fn, radius, resolution, chunk, device)  # (R, R, R)
-    lo, hi = density_range(grid)
-    if not lo < threshold < hi:
-        raise Text23dError(
-            f"No surface to extract: density over [-{radius}, {radius}]³ ranges from {lo:.4g} "
-            f"to {hi:.4g}, and export.isosurface_threshold={threshold:g} is not inside that "
-            "range. Fix: pick a level inside it "
-            f"(e.g. export.isosurface_threshold={(lo + hi) / 2:.4g}), use "
-            "export.isosurface_threshold=auto, or train longer so the field forms an object."
-        )
-    # PyMCubes returns vertices in array-index units, ordered like the array axes (i, j, k).
-    # Its winding makes normals point towards *decreasing* values; density is higher inside,
-    # so the faces already face outward and need no flip (tests/test_export.py guards this).
-    verts_idx, faces = mcubes.marching_cubes(grid, float(threshold))  # (V, 3), (F, 3)
-    if len(faces) == 0:  # crossings only between samples closer than float precision
-        raise Text23dError(
-            f"Marching cubes found no faces at export.isosurface_threshold={threshold:g} "
-            f"(density range {lo:.4g}..{hi:.4g}). Fix: raise export.resolution."
-        )
-    voxel = 2.0 * radius / (resolution - 1)
-    verts = (verts_idx * voxel - radius).astype(np.float32)  # (V, 3) world coordinates
+    with torch.no_grad():
+        device = _field_device(density_fn) if device is None else torch.device(device)
+        grid = sample_density_grid(density_fn, radius, resolution, chunk, device)  # (R, R, R)
+        lo, hi = density_range(grid)
+        if not lo < threshold < hi:
+            raise Text23dError(
+                f"No surface to extract: density over [-{radius}, {radius}]³ ranges from {lo:.4g} "
+                f"to {hi:.4g}, and export.isosurface_threshold={threshold:g} is not inside that "
+                "range. Fix: pick a level inside it "
+                f"(e.g. export.isosurface_threshold={(lo + hi) / 2:.4g}), use "
+                "export.isosurface_threshold=auto, or train longer so the field forms an object."
+            )
+        # PyMCubes returns vertices in array-index units, ordered like the array axes (i, j, k).
+        # Its winding makes normals point towards *decreasing* values; density is higher inside,
+        # so the faces already face outward and need no flip (tests/test_export.py guards this).
+        verts_idx, faces = mcubes.marching_cubes(grid, float(threshold))  # (V, 3), (F, 3)
+        if len(faces) == 0:  # crossings only between samples closer than float precision
+            raise Text23dError(
+                f"Marching cubes found no faces at export.isosurface_threshold={threshold:g} "
+                f"(density range {lo:.4g}..{hi:.4g}). Fix: raise export.resolution."
+            )
+        voxel = 2.0 * radius / (resolution - 1)
+        verts = (verts_idx * voxel - radius).astype(np.float32)  # (V, 3) world coordinates
 
-    rgba = np.full((len(verts), 4), 255, dtype=np.uint8)
-    if color_fn is not None:
-        rgb = _eval_chunked(color_fn, torch.from_numpy(verts).to(device), chunk).numpy()  # (V, 3)
-        rgba[:, :3] = to_rgb8(rgb)
-    # process=False keeps vertex order aligned with the colours we computed.
-    return trimesh.Trimesh(
-        vertices=verts, faces=faces.astype(np.int64), vertex_colors=rgba, process=False
-    )
+        rgba = np.full((len(verts), 4), 255, dtype=np.uint8)
+        if color_fn is not None:
+            rgb = _eval_chunked(color_fn, torch.from_numpy(verts).to(device), chunk).numpy()  # (V, 3)
+            rgba[:, :3] = to_rgb8(rgb)
+        # process=False keeps vertex order aligned with the colours we computed.
+        return trimesh.Trimesh(
+            vertices=verts, faces=faces.astype(np.int64), vertex_colors=rgba, process=False
+        )
 
 
 def to_rgb8(rgb: np.ndarray) -> np.ndarray:
     return np.round(np.clip(np.nan_to_num(rgb[:, :3]), 0.0, 1.0) * 255.0).astype(np.uint8)
 
 
-@torch.no_grad()
 def surface_colors(
     density_fn: Callable[[torch.Tensor], torch.Tensor],
     albedo_fn: Callable[[torch.Tensor], torch.Tensor],
@@ -162,34 +161,35 @@ def surface_colors(
     the renderer's weights and normalised by their sum; that is the colour of the surface the
     renders show at that point. A vertex whose ray meets (almost) nothing keeps its own albedo.
     """
-    device = _field_device(density_fn)
-    verts = torch.tensor(np.array(mesh.vertices), dtype=torch.float32, device=device)
-    normals = torch.tensor(np.array(mesh.vertex_normals), dtype=torch.float32, device=device)
-    return composited_colors(density_fn, albedo_fn, verts, normals, radius, start, num_samples, chunk).cpu().numpy()
+    with torch.no_grad():
+        device = _field_device(density_fn)
+        verts = torch.tensor(np.array(mesh.vertices), dtype=torch.float32, device=device)
+        normals = torch.tensor(np.array(mesh.vertex_normals), dtype=torch.float32, device=device)
+        return composited_colors(density_fn, albedo_fn, verts, normals, radius, start, num_samples, chunk).cpu().numpy()
 
 
-@torch.no_grad()
 def composited_colors(density_fn, albedo_fn, verts: torch.Tensor, normals: torch.Tensor, radius: float,
                       start: float, num_samples: int = 64, chunk: int = 2048) -> torch.Tensor:
     """`surface_colors` for any surface points (N, 3) with unit normals (N, 3): (N, 3) on their device."""
-    device, out = verts.device, []
-    for v, n in zip(verts.split(chunk), normals.split(chunk)):
-        origin, direction = v + start * n, -n  # (C, 3): just outside, looking in
-        b = (origin * direction).sum(-1)  # exit of the ball |x| = radius along the ray
-        far = -b + (b * b - (origin * origin).sum(-1) + radius**2).clamp_min(0).sqrt()
-        far = far.clamp_min(2 * start)
-        t = (torch.arange(num_samples, device=device) + 0.5) / num_samples * far[:, None]  # (C, n)
-        pts = origin[:, None] + direction[:, None] * t[..., None]  # (C, n, 3)
-        sigma = density_fn(pts.reshape(-1, 3)).float().view(-1, num_samples)
-        alpha = 1 - torch.exp(-sigma * (far / num_samples)[:, None])
-        trans = torch.cumprod(torch.cat([torch.ones_like(alpha[:, :1]), 1 - alpha + 1e-10], 1), 1)[:, :-1]
-        weights = alpha * trans  # (C, n), as in renderers/volume.py
-        albedo = albedo_fn(pts.reshape(-1, 3)).float().view(-1, num_samples, 3)
-        total = weights.sum(1, keepdim=True)
-        seen = (weights[..., None] * albedo).sum(1) / total.clamp_min(1e-6)
-        own = albedo_fn(v).float()
-        out.append(torch.where(total > 1e-3, seen, own))
-    return torch.cat(out) if out else torch.zeros(0, 3, device=verts.device)
+    with torch.no_grad():
+        device, out = verts.device, []
+        for v, n in zip(verts.split(chunk), normals.split(chunk)):
+            origin, direction = v + start * n, -n  # (C, 3): just outside, looking in
+            b = (origin * direction).sum(-1)  # exit of the ball |x| = radius along the ray
+            far = -b + (b * b - (origin * origin).sum(-1) + radius**2).clamp_min(0).sqrt()
+            far = far.clamp_min(2 * start)
+            t = (torch.arange(num_samples, device=device) + 0.5) / num_samples * far[:, None]  # (C, n)
+            pts = origin[:, None] + direction[:, None] * t[..., None]  # (C, n, 3)
+            sigma = density_fn(pts.reshape(-1, 3)).float().view(-1, num_samples)
+            alpha = 1 - torch.exp(-sigma * (far / num_samples)[:, None])
+            trans = torch.cumprod(torch.cat([torch.ones_like(alpha[:, :1]), 1 - alpha + 1e-10], 1), 1)[:, :-1]
+            weights = alpha * trans  # (C, n), as in renderers/volume.py
+            albedo = albedo_fn(pts.reshape(-1, 3)).float().view(-1, num_samples, 3)
+            total = weights.sum(1, keepdim=True)
+            seen = (weights[..., None] * albedo).sum(1) / total.clamp_min(1e-6)
+            own = albedo_fn(v).float()
+            out.append(torch.where(total > 1e-3, seen, own))
+        return torch.cat(out) if out else torch.zeros(0, 3, device=verts.device)
 
 
 def save_mesh(

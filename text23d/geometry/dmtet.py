@@ -9,7 +9,6 @@ inside. Colour comes from an albedo field (`color`), usually the earlier stage's
 """
 from __future__ import annotations
 
-import functools
 import itertools
 
 import torch
@@ -20,10 +19,21 @@ from text23d.errors import ConfigError, Text23dError
 EDGES = ((0, 1), (0, 2), (0, 3), (1, 2), (1, 3), (2, 3))  # a tet's edges, as nvdiffrec orders them
 
 
-@functools.lru_cache(maxsize=4)
+_TET_GRIDS: dict[int, tuple[Tensor, Tensor]] = {}
+
+
 def tet_grid(n: int) -> tuple[Tensor, Tensor]:
     """Vertices (n+1)³ × 3 on [-1, 1]³ and tets (6n³, 4), every one with positive volume.
-    Cached: every DMTet of a resolution shares them (as buffers they are not saved)."""
+    Cached: every DMTet of a resolution shares them (as buffers they are not saved). A plain
+    dict, not functools.lru_cache: mutmut does not mutate decorated functions."""
+    if n not in _TET_GRIDS:
+        if len(_TET_GRIDS) >= 4:
+            _TET_GRIDS.pop(next(iter(_TET_GRIDS)))
+        _TET_GRIDS[n] = _build_tet_grid(n)
+    return _TET_GRIDS[n]
+
+
+def _build_tet_grid(n: int) -> tuple[Tensor, Tensor]:
     axis = torch.linspace(-1, 1, n + 1)
     verts = torch.stack(torch.meshgrid(axis, axis, axis, indexing="ij"), -1).reshape(-1, 3)
     idx = torch.arange((n + 1) ** 3).view(n + 1, n + 1, n + 1)
@@ -159,35 +169,35 @@ class DMTet(nn.Module):
         return self.color.albedo(points)
 
     # ---- starting from an earlier stage's density field ---------------------------------------
-    @torch.no_grad()
     def init_from_density(self, density_fn, threshold: float, stage: str = "this stage") -> dict:
         """Take the surface {density = threshold} (the level export chooses), keep only its largest
         connected part (floaters would otherwise survive as islands of the mesh), fit the grid's
         box tightly around it (10 % margin) and set the SDF from the density there."""
-        self.box.copy_(torch.tensor([[0.0] * 3, [self.radius] * 3], device=self.box.device))
-        inside = self._largest_part(self._sample(density_fn) > threshold)
-        if not inside.any():
-            raise Text23dError(f"{stage}: the earlier stage's density never exceeds the isosurface level "
-                               f"{threshold:.4g}, so there is no shape to start the mesh from. Fix: train the "
-                               "earlier stage longer, or start this stage from a sphere (init: sphere)")
-        pts = self.grid[inside.reshape(-1)]
-        lo, hi = pts.min(0).values, pts.max(0).values
-        half = ((hi - lo) / 2 * 1.1 + 2 * (2 * self.radius / self.resolution)).clamp(max=self.radius)
-        self.box.copy_(torch.stack([(lo + hi) / 2, half]))
-        sigma = self._sample(density_fn)
-        inside = self._largest_part(sigma > threshold)
-        # SDF from the log density ratio (negative inside), clamped: smooth across the orders of
-        # magnitude a density spans, exact in its zero set; outside the kept part, positive.
-        ratio = torch.log(sigma.clamp_min(1e-8) / threshold).clamp(-1, 1)
-        sdf = torch.where(inside, -ratio.abs().clamp_min(1e-4), ratio.abs().clamp_min(1e-4))
-        self.sdf.copy_(sdf.reshape(-1))
-        self.deform.zero_()
-        verts, faces = self.mesh()
-        if len(faces) == 0:
-            raise Text23dError(f"{stage}: marching tetrahedra found no surface in the earlier stage's density at "
-                               f"level {threshold:.4g}. Fix: raise geometry.resolution, or start from a sphere")
-        return {"box_centre": self.box[0].tolist(), "box_half": self.box[1].tolist(),
-                "mesh_vertices": len(verts), "mesh_faces": len(faces)}
+        with torch.no_grad():
+            self.box.copy_(torch.tensor([[0.0] * 3, [self.radius] * 3], device=self.box.device))
+            inside = self._largest_part(self._sample(density_fn) > threshold)
+            if not inside.any():
+                raise Text23dError(f"{stage}: the earlier stage's density never exceeds the isosurface level "
+                                   f"{threshold:.4g}, so there is no shape to start the mesh from. Fix: train the "
+                                   "earlier stage longer, or start this stage from a sphere (init: sphere)")
+            pts = self.grid[inside.reshape(-1)]
+            lo, hi = pts.min(0).values, pts.max(0).values
+            half = ((hi - lo) / 2 * 1.1 + 2 * (2 * self.radius / self.resolution)).clamp(max=self.radius)
+            self.box.copy_(torch.stack([(lo + hi) / 2, half]))
+            sigma = self._sample(density_fn)
+            inside = self._largest_part(sigma > threshold)
+            # SDF from the log density ratio (negative inside), clamped: smooth across the orders of
+            # magnitude a density spans, exact in its zero set; outside the kept part, positive.
+            ratio = torch.log(sigma.clamp_min(1e-8) / threshold).clamp(-1, 1)
+            sdf = torch.where(inside, -ratio.abs().clamp_min(1e-4), ratio.abs().clamp_min(1e-4))
+            self.sdf.copy_(sdf.reshape(-1))
+            self.deform.zero_()
+            verts, faces = self.mesh()
+            if len(faces) == 0:
+                raise Text23dError(f"{stage}: marching tetrahedra found no surface in the earlier stage's density at "
+                                   f"level {threshold:.4g}. Fix: raise geometry.resolution, or start from a sphere")
+            return {"box_centre": self.box[0].tolist(), "box_half": self.box[1].tolist(),
+                    "mesh_vertices": len(verts), "mesh_faces": len(faces)}
 
     def _sample(self, density_fn) -> Tensor:
         n = self.resolution + 1

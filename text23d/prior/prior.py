@@ -118,14 +118,14 @@ class Prior:
         shift = getattr(self.vae.config, "shift_factor", None) or 0.0
         return (z - shift) * self.vae.config.scaling_factor
 
-    @torch.no_grad()
     def decode(self, x: torch.Tensor) -> torch.Tensor:
         """Model space (B, C, h, w) -> rgb (B, 3, H, W) float32 in [0, 1], for visualisation."""
-        x = x.to(self.device, self.dtype)
-        if self.vae is not None:
-            shift = getattr(self.vae.config, "shift_factor", None) or 0.0
-            x = self.vae.decode(x / self.vae.config.scaling_factor + shift).sample
-        return ((x.float() + 1) / 2).clamp(0, 1)
+        with torch.no_grad():
+            x = x.to(self.device, self.dtype)
+            if self.vae is not None:
+                shift = getattr(self.vae.config, "shift_factor", None) or 0.0
+                x = self.vae.decode(x / self.vae.config.scaling_factor + shift).sample
+            return ((x.float() + 1) / 2).clamp(0, 1)
 
     # --- denoiser -----------------------------------------------------------------------------
 

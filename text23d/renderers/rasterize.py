@@ -38,56 +38,56 @@ def _edge(a: Tensor, b: Tensor, p: Tensor) -> Tensor:
     return (b[..., 0] - a[..., 0]) * (p[..., 1] - a[..., 1]) - (b[..., 1] - a[..., 1]) * (p[..., 0] - a[..., 0])
 
 
-@torch.no_grad()
 def rasterize(verts: Tensor, faces: Tensor, cams: Cameras, height: int, width: int,
               near: float = 1e-3) -> Tensor:
     """The visible triangle per pixel: face ids (B, H, W), -1 where no triangle covers the pixel
     centre. Both windings are drawn (no back-face culling); triangles with a vertex behind the
     `near` plane are skipped."""
-    xy, depth = project(verts.detach(), cams, height, width)  # (B, V, 2), (B, V)
-    return rasterize_screen(xy, depth, faces, height, width, near)
+    with torch.no_grad():
+        xy, depth = project(verts.detach(), cams, height, width)  # (B, V, 2), (B, V)
+        return rasterize_screen(xy, depth, faces, height, width, near)
 
 
-@torch.no_grad()
 def rasterize_screen(xy: Tensor, depth: Tensor, faces: Tensor, height: int, width: int,
                      near: float = 1e-3) -> Tensor:
     """`rasterize` for vertices already in pixel coordinates (B, V, 2) with depths (B, V): also
     for drawing a mesh into its UV atlas (depth 1 everywhere)."""
-    B, device = xy.shape[0], xy.device
-    faces = faces.long()
-    tri_xy, tri_z = xy[:, faces], depth[:, faces]  # (B, F, 3, 2), (B, F, 3)
-    lo = (tri_xy.amin(2) - 0.5).ceil().clamp(min=0)  # first pixel index whose centre may be inside
-    hi = (tri_xy.amax(2) - 0.5).floor()
-    hi = torch.minimum(hi, torch.tensor([width - 1.0, height - 1.0], device=device))
-    size = (hi - lo + 1).clamp(min=0)  # (B, F, 2) bounding-box size in pixels
-    valid = (tri_z > near).all(-1) & (size > 0).all(-1)
-    b_idx, f_idx = valid.nonzero(as_tuple=True)  # candidate triangles
-    w, h = size[b_idx, f_idx].long().unbind(-1)
-    count = w * h
-    out = torch.full((B * height * width,), -1, dtype=torch.long, device=device)
-    if count.sum() == 0:
+    with torch.no_grad():
+        B, device = xy.shape[0], xy.device
+        faces = faces.long()
+        tri_xy, tri_z = xy[:, faces], depth[:, faces]  # (B, F, 3, 2), (B, F, 3)
+        lo = (tri_xy.amin(2) - 0.5).ceil().clamp(min=0)  # first pixel index whose centre may be inside
+        hi = (tri_xy.amax(2) - 0.5).floor()
+        hi = torch.minimum(hi, torch.tensor([width - 1.0, height - 1.0], device=device))
+        size = (hi - lo + 1).clamp(min=0)  # (B, F, 2) bounding-box size in pixels
+        valid = (tri_z > near).all(-1) & (size > 0).all(-1)
+        b_idx, f_idx = valid.nonzero(as_tuple=True)  # candidate triangles
+        w, h = size[b_idx, f_idx].long().unbind(-1)
+        count = w * h
+        out = torch.full((B * height * width,), -1, dtype=torch.long, device=device)
+        if count.sum() == 0:
+            return out.view(B, height, width)
+        tri = torch.repeat_interleave(torch.arange(len(count), device=device), count)  # (N,) candidate -> triangle
+        local = torch.arange(len(tri), device=device) - torch.repeat_interleave(count.cumsum(0) - count, count)
+        px = lo[b_idx, f_idx, 0].long()[tri] + local % w[tri]
+        py = lo[b_idx, f_idx, 1].long()[tri] + local // w[tri]
+        centre = torch.stack([px, py], -1).float() + 0.5  # (N, 2)
+        a, b, c = tri_xy[b_idx, f_idx].unbind(1)  # each (T, 2)
+        area = _edge(a, b, c)[tri]
+        w0, w1, w2 = _edge(b[tri], c[tri], centre), _edge(c[tri], a[tri], centre), _edge(a[tri], b[tri], centre)
+        sign = torch.where(area < 0, -1.0, 1.0)
+        inside = (w0 * sign >= 0) & (w1 * sign >= 0) & (w2 * sign >= 0) & (area.abs() > 1e-12)
+        # Perspective-correct depth at the pixel: 1/z interpolates linearly in screen space.
+        zi = tri_z[b_idx, f_idx][tri]  # (N, 3)
+        inv_z = (w0 / zi[:, 0] + w1 / zi[:, 1] + w2 / zi[:, 2]) / area
+        z = 1.0 / inv_z
+        keep = inside & (z > near)
+        pix = (b_idx[tri] * height + py) * width + px
+        pix, z, face = pix[keep], z[keep], f_idx[tri][keep]
+        zbuf = torch.full((B * height * width,), float("inf"), device=device).scatter_reduce(0, pix, z, "amin")
+        front = z <= zbuf[pix]  # the nearest candidate(s) of each pixel; ties: the highest face id
+        out.scatter_reduce_(0, pix[front], face[front], "amax")
         return out.view(B, height, width)
-    tri = torch.repeat_interleave(torch.arange(len(count), device=device), count)  # (N,) candidate -> triangle
-    local = torch.arange(len(tri), device=device) - torch.repeat_interleave(count.cumsum(0) - count, count)
-    px = lo[b_idx, f_idx, 0].long()[tri] + local % w[tri]
-    py = lo[b_idx, f_idx, 1].long()[tri] + local // w[tri]
-    centre = torch.stack([px, py], -1).float() + 0.5  # (N, 2)
-    a, b, c = tri_xy[b_idx, f_idx].unbind(1)  # each (T, 2)
-    area = _edge(a, b, c)[tri]
-    w0, w1, w2 = _edge(b[tri], c[tri], centre), _edge(c[tri], a[tri], centre), _edge(a[tri], b[tri], centre)
-    sign = torch.where(area < 0, -1.0, 1.0)
-    inside = (w0 * sign >= 0) & (w1 * sign >= 0) & (w2 * sign >= 0) & (area.abs() > 1e-12)
-    # Perspective-correct depth at the pixel: 1/z interpolates linearly in screen space.
-    zi = tri_z[b_idx, f_idx][tri]  # (N, 3)
-    inv_z = (w0 / zi[:, 0] + w1 / zi[:, 1] + w2 / zi[:, 2]) / area
-    z = 1.0 / inv_z
-    keep = inside & (z > near)
-    pix = (b_idx[tri] * height + py) * width + px
-    pix, z, face = pix[keep], z[keep], f_idx[tri][keep]
-    zbuf = torch.full((B * height * width,), float("inf"), device=device).scatter_reduce(0, pix, z, "amin")
-    front = z <= zbuf[pix]  # the nearest candidate(s) of each pixel; ties: the highest face id
-    out.scatter_reduce_(0, pix[front], face[front], "amax")
-    return out.view(B, height, width)
 
 
 def barycentrics(verts: Tensor, faces: Tensor, face_id: Tensor, cams: Cameras) -> Tensor:
