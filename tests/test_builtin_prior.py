@@ -63,6 +63,14 @@ def test_the_colour_bar_separates_true_colours_on_a_true_primitive(tmp_path):
             mesh.visual.vertex_colors = np.tile(np.array([*(np.array(COLOURS[c]) * 255).round(), 255], np.uint8), (len(mesh.vertices), 1))
             errors[c] = colour_error(renders, mesh_views(mesh, cams, 64))
         assert errors[asked] < 0.2 * MESH_COLOUR_TOLERANCE < MESH_COLOUR_TOLERANCE < errors[other], errors
+    # The bar sits halfway between the nearest two named colours: a mesh a little nearer to orange than
+    # to yellow passes, one a little nearer to yellow fails (a bar of 0.12 would pass both).
+    renders = [{"rgb": np.where(k, COLOURS["orange"], 1.0), "opacity": np.repeat(k, 3, -1).astype(float)} for k in masks]
+    for t, passes in ((0.45, True), (0.55, False)):
+        blend = (1 - t) * np.array(COLOURS["orange"]) + t * np.array(COLOURS["yellow"])
+        mesh.visual.vertex_colors = np.tile(np.array([*(blend * 255).round(), 255], np.uint8), (len(mesh.vertices), 1))
+        error = colour_error(renders, mesh_views(mesh, cams, 64))
+        assert (error < MESH_COLOUR_TOLERANCE) == passes, (t, error, MESH_COLOUR_TOLERANCE)
 
 
 @pytest.mark.parametrize("shape,colour", [("cone", "blue"), ("cube", "red")])
