@@ -208,3 +208,74 @@ def test_albedo_comes_from_the_colour_field():
     assert torch.equal(DMTet(resolution=2, color=color).albedo(pts), color.albedo(pts))
     with pytest.raises(ConfigError, match="no colour field"):
         DMTet(resolution=2).albedo(pts)
+
+
+def test_the_grid_cache_keeps_the_four_latest_resolutions():
+    """Grids are shared while cached, and at most 4 resolutions stay cached (the oldest goes first)."""
+    from text23d.geometry import dmtet
+
+    dmtet._TET_GRIDS.clear()
+    first = tet_grid(1)
+    assert tet_grid(1) is first  # shared, not rebuilt
+    latest = [tet_grid(n) for n in (2, 3, 4, 5)]
+    assert all(tet_grid(n) is g for n, g in zip((2, 3, 4, 5), latest))  # the four latest are kept
+    again = tet_grid(1)  # the fifth resolution pushed the oldest out: rebuilt, equal
+    assert again is not first and torch.equal(again[1], first[1])
+
+
+class StepBall:
+    """Density `inside` within |p − centre| < r, `outside` elsewhere (a step: no level in between)."""
+
+    def __init__(self, centre, r, inside=10.0, outside=0.0):
+        self.centre, self.r, self.inside, self.outside = torch.tensor(centre), r, inside, outside
+
+    def __call__(self, p):
+        return torch.where((p - self.centre).norm(dim=-1) < self.r, self.inside, self.outside)
+
+
+def test_the_box_spans_the_object_with_a_ten_percent_margin_and_two_cells():
+    """An off-centre ball in a scene of radius 2 at 16 cubes per axis (cell 0.25): the scene-grid vertices
+    inside it reach ±2 cells = ±0.5 from its centre, so the box is centred on it with half extent
+    0.5·1.1 + 2·0.25 = 1.05 (worked by hand)."""
+    centre = [0.5, -0.25, 0.25]
+    info = DMTet(resolution=16, radius=2.0).init_from_density(StepBall(centre, 0.6), threshold=5.0)
+    assert info["box_centre"] == pytest.approx(centre, abs=1e-6)
+    assert info["box_half"] == pytest.approx([1.05] * 3, abs=1e-5)
+    assert info["mesh_faces"] > 0
+
+
+def test_a_density_exactly_at_the_level_counts_as_outside():
+    """A ball of density 10 in a field that is exactly the level (5) elsewhere: only the ball is the object,
+    so the box stays tight (scene-grid vertices inside reach ±0.25: half 0.25·1.1 + 2·0.25) and the mesh
+    is the ball's surface, not nothing."""
+    g = DMTet(resolution=8)
+    info = g.init_from_density(StepBall([0.0, 0.0, 0.0], 0.4, outside=5.0), threshold=5.0)
+    assert info["box_half"] == pytest.approx([0.775] * 3, abs=1e-5)
+    v, f = g.mesh()
+    cell = 2 * 0.775 / 8
+    assert trimesh.Trimesh(v.detach().numpy(), f.numpy(), process=False).is_watertight
+    assert v.abs().max() < 0.4 + cell  # crossings on edges from the ball's vertices to their neighbours
+
+
+def test_the_initial_sdf_is_the_log_density_ratio_clamped_to_one():
+    """σ = level·exp(k(r0 − |p|)), so log(σ / level) = k(r0 − |p|): the SDF at each vertex of the fitted grid
+    is k(|p| − r0) clamped to [−1, 1] (|SDF| ≥ 1e-4). The level is below 1 and the field spans beyond both
+    clamps, so the densities < 1 and both bounds count."""
+    level, k, r0 = 0.1, 6.0, 0.5
+    g = DMTet(resolution=8)
+    g.init_from_density(lambda p: level * torch.exp(k * (r0 - p.norm(dim=-1))), threshold=level)
+    r = g.grid.double().norm(dim=-1)
+    want = (k * (r - r0)).clamp(-1, 1)
+    want = torch.where(want < 0, -want.abs().clamp_min(1e-4), want.abs().clamp_min(1e-4))
+    assert want.min() == -1 and want.max() == 1 and ((want.abs() > 0.05) & (want.abs() < 0.95)).sum() > 20
+    assert (g.sdf.detach().double() - want).abs().max() < 1e-5
+    assert (g.deform == 0).all()
+
+
+def test_a_density_above_the_level_everywhere_leaves_no_surface():
+    """Nothing but inside: the grid's box is the scene and marching tetrahedra finds no surface. Without a
+    stage name the messages say "this stage"."""
+    with pytest.raises(Text23dError, match="^this stage: marching tetrahedra found no surface"):
+        DMTet(resolution=4).init_from_density(lambda p: torch.full((len(p),), 10.0), threshold=1.0)
+    with pytest.raises(Text23dError, match="^this stage: the earlier stage's density never exceeds"):
+        DMTet(resolution=4).init_from_density(lambda p: torch.zeros(len(p)), threshold=1.0)

@@ -135,3 +135,27 @@ def test_geometry_defaults_and_refused_settings():
     for bad in (dict(radius=0.0), dict(blob_radius=0.0), dict(normal_eps=0.0), dict(radius=-1.0)):
         with pytest.raises(ConfigError, match="all must be > 0"):
             DenseGrid(resolution=2, **bad)
+
+
+class QuadraticField(Geometry):
+    """σ = x + K·x·y (no blob): its tetrahedron finite differences have a closed form."""
+
+    K = 100.0
+
+    def forward(self, points):
+        x, y = points[:, 0], points[:, 1]
+        return x + self.K * x * y, torch.zeros_like(points)
+
+
+def test_finite_difference_normals_follow_the_tetrahedron_stencil_in_the_points_precision():
+    """With offsets ε·t_i (t_i the 4 corners of a tetrahedron: Σ t_i = 0, Σ t_i t_iᵀ = 4I, Σ t_x t_y t_i =
+    (0, 0, 4)), Σ σ(p + ε t_i) ε t_i = 4ε²(1 + K y, K x, K ε) for σ = x + Kxy, worked by hand. In float64
+    the normals match it to float64 rounding: the step ε must not pass through float32 on the way."""
+    g = QuadraticField(normal_eps=0.01)
+    p = torch.randn(20, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * 0.5
+    x, y = p[:, 0], p[:, 1]
+    K, eps = QuadraticField.K, 0.01
+    want = -torch.nn.functional.normalize(torch.stack([1 + K * y, K * x, torch.full_like(x, K * eps)], -1), dim=-1)
+    n = g.normals(p)
+    assert n.dtype == torch.float64
+    assert (n - want).abs().max() < 1e-12

@@ -108,6 +108,9 @@ def test_load_pixel(tiny_pixel_model):
     assert (prior.resolution, prior.channels) == (16, 3)
     rgb = torch.rand(1, 3, 16, 16)
     assert torch.equal(prior.images_to_model_space(rgb), rgb * 2 - 1)  # native size: no resize
+    hot = rgb.clone()
+    hot[0, 0, 5, 5] = float("inf")  # not even an identity resample: that would turn inf into NaN
+    assert torch.equal(prior.images_to_model_space(hot), hot * 2 - 1)
     assert torch.allclose(prior.decode(rgb * 2 - 1), rgb, atol=1e-6)
     assert load_prior(str(tiny_pixel_model), resolution=32).resolution == 32
     with pytest.raises(ConfigError, match="resolution=0"):
@@ -457,6 +460,7 @@ def test_prior_moves_everything_to_its_device(tiny_latent_model):
     x = prior.images_to_model_space(torch.zeros(2, 3, 16, 16, device="meta"))
     assert x.device.type == "meta" and x.shape == (2, 4, 8, 8)
     assert prior.predict_noise(x, [10, 20], emb).device.type == "meta"
+    assert prior.decode(torch.zeros(2, 4, 8, 8)).device.type == "meta"  # a CPU latent is moved first
 
 
 def test_encode_text_takes_one_prompt_as_a_string(pixel_prior):
@@ -515,12 +519,85 @@ def test_long_prompts_are_truncated_with_one_short_warning(pixel_prior):
     long80 = " ".join(["red"] * 20)  + "d"  # 20 words (the last "redd"), exactly 80 characters
     assert len(long80) == 80
     long81 = long80 + "s"
+    other = " ".join(["blue"] * 20)  # a second long prompt: not the one shown
     for shown_first, expected in ((long80, repr(long80)), (long81, repr(long81[:77] + "..."))):
         with pytest.warns(UserWarning) as record:
-            emb = pixel_prior.encode_text([shown_first, "a red cube", long81])
+            emb = pixel_prior.encode_text([shown_first, "a red cube", other])
         assert emb.shape == (3, 16, 32)
         message = str(record[0].message)
         assert message.startswith("2 prompt(s) longer than the text encoder's 16 tokens were truncated to their first 16")
         assert f"e.g. {expected} ({len(shown_first)} characters)" in message
     # The cut prompt is encoded as its first 16 tokens: the same as the 14 words of it that fit.
     assert text_close(pixel_prior.encode_text([long80])[0], pixel_prior.encode_text([fits])[0])
+
+
+def _prior_with_text(prior, tokenizer, encoder):
+    """A Prior with `prior`'s U-Net and schedule and the given text side (tokenizer, encoder)."""
+    from text23d.prior.prior import Prior
+
+    return Prior(name="text", model_dir=prior.model_dir, unet=prior.unet, vae=None, scheduler=prior.scheduler,
+                 resolution=prior.resolution, dtype=prior.dtype, device=prior.device, cache_key="text",
+                 text_loader=lambda: (tokenizer, encoder))
+
+
+@pytest.mark.parametrize("family", ["mt5", "umt5"])
+def test_t5_family_encoders_get_the_padding_mask(pixel_prior, tiny_pixel_model, family):
+    """mT5 and UMT5 are T5s (trained with a padding mask), whatever the tokenizer: the mask is passed."""
+    from transformers import MT5Config, MT5EncoderModel, UMT5Config, UMT5EncoderModel
+
+    config, model = {"mt5": (MT5Config, MT5EncoderModel), "umt5": (UMT5Config, UMT5EncoderModel)}[family]
+    tokenizer = CLIPTokenizer.from_pretrained(tiny_pixel_model / "tokenizer")
+    torch.manual_seed(0)
+    encoder = model(config(vocab_size=len(tokenizer), d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4)).eval()
+    assert encoder.config.model_type == family
+    prior = _prior_with_text(pixel_prior, tokenizer, encoder)
+    prompts = ["a red cube", "a blue sphere"]
+    emb = prior.encode_text(prompts)
+    assert torch.equal(emb, _direct(prior, prompts, mask=True, length=16))
+    assert not torch.allclose(emb, _direct(prior, prompts, mask=False, length=16), atol=1e-4)
+
+
+def test_a_token_limit_above_100000_is_no_limit(pixel_prior, tiny_pixel_model):
+    """Any tokenizer limit above 100,000 tokens is a "no limit" sentinel, not only transformers' 1e30."""
+    tokenizer = CLIPTokenizer.from_pretrained(tiny_pixel_model / "tokenizer", model_max_length=100_001)
+    assert tokenizer.model_max_length == 100_001
+    pixel_prior.encode_text("")  # loads the text side
+    prior = _prior_with_text(pixel_prior, tokenizer, pixel_prior._text_encoder)
+    prompts = ["a red cube", "a blue sphere"]
+    assert torch.equal(prior.encode_text(prompts), _direct(prior, prompts, mask=False, length=16))
+
+
+def test_a_vae_config_without_shift_factor_means_no_shift(latent_prior):
+    """AsymmetricAutoencoderKL (a drop-in SD 1.5 VAE) has no shift_factor in its config: encode is
+    mean × scaling factor and decode its inverse, against the VAE called directly."""
+    from diffusers import AsymmetricAutoencoderKL
+
+    from text23d.prior.prior import Prior
+
+    torch.manual_seed(0)
+    vae = AsymmetricAutoencoderKL(
+        down_block_types=("DownEncoderBlock2D",) * 2, down_block_out_channels=(32, 64), layers_per_down_block=1,
+        up_block_types=("UpDecoderBlock2D",) * 2, up_block_out_channels=(32, 64), layers_per_up_block=1,
+        latent_channels=4, norm_num_groups=32, sample_size=16, scaling_factor=0.5,
+    ).eval()
+    assert not hasattr(vae.config, "shift_factor")
+    prior = Prior(name="asym", model_dir=latent_prior.model_dir, unet=latent_prior.unet, vae=vae,
+                  scheduler=latent_prior.scheduler, resolution=16, dtype=torch.float32, device="cpu",
+                  cache_key="asym", text_loader=None)
+    rgb = torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        mean = vae.encode(rgb * 2 - 1).latent_dist.mean
+        own = ((vae.decode(mean).sample + 1) / 2).clamp(0, 1)
+        x = prior.images_to_model_space(rgb)
+    assert torch.allclose(x, mean * 0.5, rtol=1e-5, atol=1e-6 * mean.abs().max().item())
+    assert torch.allclose(prior.decode(x), own, atol=1e-5)
+
+
+def test_bfloat16_latent_prior_decodes_float32_latents(tiny_latent_model, latent_prior):
+    """decode casts float32 latents to a bfloat16 VAE's dtype and returns float32 rgb, within bfloat16's
+    8-bit mantissa of the float32 model's decode."""
+    half = load_prior(str(tiny_latent_model), dtype="bfloat16")
+    x = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(6))
+    rgb, ref = half.decode(x), latent_prior.decode(x)
+    assert rgb.dtype == torch.float32 and rgb.shape == ref.shape == (1, 3, 16, 16)
+    assert (rgb - ref).abs().max() <= 0.05

@@ -249,3 +249,88 @@ def test_normals_are_computed_only_when_needed():
     for kwargs in ({"need_normals": True}, {"shading": "lambertian"}, {"shading": "normal"}):
         out = renderer(geom, bg, cams, 1, 1, **kwargs)
         assert out["normals"].shape == (1, 8, 3) and out["comp_normal"].shape == (1, 1, 1, 3), kwargs
+
+
+class OpaqueWall(Geometry):
+    """Density `sigma` in the half-space x < x0, 0 elsewhere; grey albedo; outward normal +x everywhere."""
+
+    def __init__(self, sigma: float = 1e4, x0: float = 0.2):
+        super().__init__(radius=1.0)
+        self.sigma, self.x0 = sigma, x0
+
+    def forward(self, points):
+        return self.sigma * (points[:, 0] < self.x0).float(), torch.full((points.shape[0], 3), 0.5)
+
+    def normals(self, points):
+        return torch.tensor([1.0, 0.0, 0.0]).expand(points.shape[0], 3)
+
+
+def _sphere_span(o, d, radius=1.0):
+    """near, far of rays o + t·d (unit d, o outside) through the sphere |x| = radius: the quadratic's roots."""
+    b = (o * d).sum(-1)
+    root = (b * b - (o * o).sum(-1) + radius**2).sqrt()
+    return -b - root, -b + root
+
+
+def test_weights_behind_an_opaque_sample_are_not_negative():
+    """Once a sample is opaque (alpha = 1 in float32) the transmittance behind it is ~0, never below:
+    the weights stay a distribution (≥ 0, summing to the opacity)."""
+    out = VolumeRenderer(num_samples=16)(ConstantBall(1e4, 0.5), Background("solid"), front_camera(), 1, 1)
+    w = out["weights"][0]
+    first = 4  # samples at t = 2 + (i + 0.5)/8: the first inside |x| < 0.5 is i = 4 (t = 2.5625, x = 0.4375)
+    assert w[first].item() == pytest.approx(1.0, abs=1e-6) and w[:first].abs().max() == 0
+    assert w.min() >= 0 and w[first + 1:].max() < 1e-9
+    assert out["opacity"].item() == pytest.approx(w.sum().item(), abs=1e-7)
+
+
+def test_depth_and_normal_of_each_pixel_are_its_own():
+    """Nine rays onto the wall x = 0.2 from the camera at x = 3: each pixel's depth is its own ray's
+    entry distance (3 − 0.2)/(−d_x), to within one sample spacing, and its composited normal is the
+    wall's +x times its opacity (≈ 1)."""
+    n = 256
+    out = VolumeRenderer(num_samples=n)(OpaqueWall(), Background("solid"), front_camera(fovy=0.4), 3, 3,
+                                        need_normals=True)
+    d = out["dirs"]
+    entry = (3.0 - 0.2) / -d[:, 0]
+    near, far = _sphere_span(torch.tensor([3.0, 0.0, 0.0]), d)
+    depth = out["depth"]
+    assert depth.shape == (1, 3, 3, 1) and out["opacity"].min() > 0.999
+    assert entry.max() - entry.min() > 0.05  # the corners see the wall farther away than the centre
+    gap = depth.reshape(-1) - entry
+    assert (gap >= -1e-4).all() and (gap <= (far - near) / n + 1e-4).all(), gap
+    want = torch.tensor([1.0, 0.0, 0.0]) * out["opacity"]
+    assert out["comp_normal"].shape == (1, 3, 3, 3) and torch.allclose(out["comp_normal"], want, atol=1e-4)
+
+
+def test_jitter_draws_an_independent_uniform_offset_for_every_sample_of_every_ray():
+    """Stratified sampling: with jitter, sample i of a ray lies at near + (i + u)/n·(far − near) with u in
+    [0, 1) drawn anew for each ray, sample and call; without, u = 1/2. u is recovered from the points."""
+    torch.manual_seed(0)
+    n, cam = 8, torch.tensor([3.0, 0.0, 0.0])
+    renderer = VolumeRenderer(num_samples=n)
+
+    def offsets(**kwargs):
+        out = renderer(ConstantBall(1.0, 0.5), Background("solid"), front_camera(fovy=0.3), 2, 2, **kwargs)
+        d = out["dirs"]
+        near, far = _sphere_span(cam, d)
+        t = ((out["points"] - cam) * d[:, None]).sum(-1)  # (4 rays, n)
+        return (t - near[:, None]) / (far - near)[:, None] * n - torch.arange(n)
+
+    assert torch.allclose(offsets(), torch.full((4, n), 0.5), atol=1e-3)
+    u, v = offsets(jitter=True), offsets(jitter=True)
+    assert u.shape == (4, n) and u.min() > -1e-3 and u.max() < 1 + 1e-3
+    assert 0.2 < u.std() < 0.4  # uniform on [0, 1): std 0.29
+    assert (u[1:] - u[0]).abs().amax(1).min() > 0.05  # each ray its own offsets
+    assert (u - v).abs().max() > 0.05  # and each call
+
+
+def test_a_sample_whose_weight_equals_skip_weight_is_still_shaded():
+    """Colour is looked up where a sample's weight reaches skip_weight: with the threshold set to the
+    smallest weight inside the ball, all 8 samples inside count and the red channel is the discrete opacity
+    1 − exp(−8·σ·δ) = 1 − e^{−2} (σ = 2, δ = 2/16), exactly as without skipping."""
+    geom, bg, cams = ConstantBall(2.0, 0.5), Background("solid", (0.0, 0.0, 1.0)), front_camera()
+    w = VolumeRenderer(num_samples=16, skip_weight=0.0)(geom, bg, cams, 1, 1)["weights"][0]
+    smallest = w[w > 0].min().item()
+    assert (w > 0).sum() == 8 and smallest > 0.01
+    out = VolumeRenderer(num_samples=16, skip_weight=smallest)(geom, bg, cams, 1, 1)
+    assert out["comp_rgb"][0, 0, 0, 0].item() == pytest.approx(1 - math.exp(-2.0), abs=1e-6)

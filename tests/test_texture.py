@@ -498,3 +498,26 @@ def test_decimation_keeps_parts_that_touch_apart():
     assert len(small.faces) <= 110
     parts = small.split(only_watertight=False)
     assert len(parts) == 2 and all(p.is_watertight for p in parts)
+
+
+def test_uv_rasteriser_ignores_a_triangle_wholly_right_of_the_image():
+    """A triangle at u in [1.3, 1.5] covers no texel and, listed first, does not disturb the texels of
+    the triangles after it: the result is that of the in-image triangle alone."""
+    s = 8
+    corner = lambda x, y: [(x + 0.5) / s, 1 - (y + 0.5) / s]  # noqa: E731  the centre of texel (x, y)
+    inside = np.array([corner(1, 1), corner(6, 1), corner(1, 6)])
+    away = np.array([[1.3, 0.05], [1.5, 0.05], [1.4, 0.95]])
+    alone, bary_alone = rasterize_uv(inside, np.array([[0, 1, 2]]), s)
+    both, bary = rasterize_uv(np.vstack([away, inside]), np.array([[0, 1, 2], [3, 4, 5]]), s)
+    np.testing.assert_array_equal(both, np.where(alone >= 0, 1, -1))
+    np.testing.assert_allclose(bary, bary_alone, atol=1e-12)
+
+
+def test_a_triangle_soup_keeps_one_textured_vertex_per_corner():
+    """An unwelded mesh (every face its own three vertices) comes back with the vertices the atlas made,
+    as many as reported: coincident corners with the same UV are not merged behind the report's back."""
+    m = trimesh.creation.icosphere(subdivisions=1, radius=0.5)
+    soup = trimesh.Trimesh(m.triangles.reshape(-1, 3), np.arange(3 * len(m.faces)).reshape(-1, 3), process=False)
+    mesh, info = textured_mesh(soup, normal_colour, 32)
+    assert len(mesh.vertices) == info["mesh_vertices"] == 3 * len(m.faces)
+    assert len(mesh.faces) == info["mesh_faces"] == len(m.faces)

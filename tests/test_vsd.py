@@ -12,7 +12,7 @@ from helpers import NET_RTOL, assert_grad_close, cfg_amplification, text_pair as
 from text23d.errors import CheckpointError, ConfigError
 from text23d.guidance.lora import CameraLoRAUNet, load_lora_safetensors
 from text23d.guidance.sds import SDSGuidance
-from text23d.guidance.vsd import VSDGuidance
+from text23d.guidance.vsd import VSDGuidance, _check_compatible
 from text23d.testing import build_tiny_model
 
 
@@ -304,6 +304,9 @@ def test_annealing_schedule(pixel_prior):
     assert vsd.max_step_at(5_000, 25_000) == 0.5
     assert vsd.max_step_at(24_999, 25_000) == 0.5
     assert VSDGuidance(anneal_max_step_percent=None).max_step_at(20_000, 25_000) == 0.98
+    assert vsd.max_step_at(20_000, None) == 0.98  # run length unknown: no anneal
+    ramp = VSDGuidance(max_step_percent=[5000, 0.98, 0.5, 5001], anneal_max_step_percent=None)
+    assert ramp.max_step_at(None, None) == 0.98 and ramp.max_step_at(6000, None) == 0.5  # step unknown: the start
     torch.manual_seed(10)
     late = vsd.sample_timesteps(pixel_prior, 4000, vsd.max_step_at(6_000, 25_000))
     early = vsd.sample_timesteps(pixel_prior, 4000, vsd.max_step_at(10, 25_000))
@@ -535,3 +538,54 @@ def test_boundary_arguments_are_accepted_and_kept(kwargs):
 def test_invalid_arguments_at_the_boundaries(kwargs, match):
     with pytest.raises(ConfigError, match=match):
         VSDGuidance(**kwargs)
+
+
+def test_grad_clip_bounds_each_element_on_both_sides(pixel_prior):
+    """grad_clip c: the gradient is w(t)·(ε̂_pretrained − ε̂_φ) clamped elementwise to [−c, c]."""
+    torch.manual_seed(26)
+    cond, uncond = _text(pixel_prior, 1)
+    vsd = VSDGuidance(grad_clip=0.02)
+    _perturb_lora(vsd.setup(pixel_prior), seed=26)
+    x = torch.randn(1, 3, 16, 16, requires_grad=True)
+    c2w, t, noise = _poses(1, 26), torch.tensor([700]), torch.randn(1, 3, 16, 16)
+    out = vsd.from_model_space(pixel_prior, x, cond, uncond, c2w, t=t, noise=noise)
+    out["loss_vsd"].backward()
+    grad, tol = _reference_grad(pixel_prior, vsd.lora, x.detach(), cond, uncond, c2w, t, noise, 7.5, 1.0, "sds")
+    assert (grad > 0.03).sum() > 10 and (grad < -0.03).sum() > 10 and (grad.abs() < 0.01).sum() > 10
+    clipped = grad.clamp(-0.02, 0.02)
+    assert_grad_close(x.grad, clipped, tol, wrong=grad)
+    assert abs(out["grad_norm"].item() - clipped.norm().item()) <= grad.numel() ** 0.5 * tol
+
+
+def _base_like(prior, **unet_changes):
+    """A LoRA base sharing the prior's VAE and scheduler, with a fresh U-Net of the prior's config
+    with `unet_changes` (another family's latent width or text width)."""
+    from diffusers import UNet2DConditionModel
+
+    from text23d.prior.prior import Prior
+
+    unet = UNet2DConditionModel.from_config({**prior.unet.config, **unet_changes})
+    return Prior(name="base", model_dir=prior.model_dir, unet=unet, vae=prior.vae, scheduler=prior.scheduler,
+                 resolution=prior.resolution, dtype=prior.dtype, device=prior.device, cache_key="base",
+                 text_loader=None)
+
+
+def test_lora_base_with_other_latent_channels_or_text_width_is_rejected(latent_prior):
+    """Same latent space but 16 channels (SD3's VAE), or 16-wide text embeddings: rejected, each alone."""
+    with pytest.raises(ConfigError, match=r"works in latent space, 16 channels, but .* latent space, 4 channels"):
+        _check_compatible(latent_prior, _base_like(latent_prior, in_channels=16, out_channels=16))
+    with pytest.raises(ConfigError, match=r"text embeddings of width 16, the prior .* produces 32"):
+        _check_compatible(latent_prior, _base_like(latent_prior, cross_attention_dim=16))
+
+
+def test_lora_base_schedule_within_rounding_is_the_priors(pixel_prior):
+    """ᾱ_t equal to the prior's within rtol 1e-4 and atol 1e-6 (float rounding of the betas) is the
+    same schedule; 3e-4 off is another. SD's ᾱ_T ≈ 0.0047 makes the absolute part count at large t."""
+    base = copy.copy(pixel_prior)  # the prior's modules, its own ᾱ
+    alpha = pixel_prior.alphas_cumprod
+    assert alpha.min() < 0.005 and alpha.max() > 0.99
+    base.alphas_cumprod = alpha * (1 + 5e-5) + 9e-7
+    _check_compatible(pixel_prior, base)  # accepted
+    base.alphas_cumprod = alpha * (1 + 3e-4)
+    with pytest.raises(ConfigError, match="another noise schedule"):
+        _check_compatible(pixel_prior, base)
