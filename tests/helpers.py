@@ -21,6 +21,17 @@ def text_pair(prior, batch):
     return emb[:1].expand(batch, -1, -1), emb[1:].expand(batch, -1, -1)
 
 
+def cams_of(c2w):
+    """A camera batch with these c2w poses (B, 4, 4); the other fields are placeholders (VSD reads
+    only the poses)."""
+    import torch
+
+    from text23d.cameras.sampler import Cameras
+
+    n = len(c2w)
+    return Cameras(c2w, torch.full((n,), 0.7), torch.zeros(n), torch.zeros(n), torch.full((n,), 2.0), torch.zeros(n, 3))
+
+
 # --- float32 tolerances ---------------------------------------------------------------------------
 # Two float32 evaluations of one network that batch or thread it differently (the guidance's single
 # [cond; uncond] U-Net call against a reference's two calls; 5 prompts encoded together against 3)

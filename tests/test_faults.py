@@ -211,13 +211,14 @@ def test_out_of_memory_saves_reports_and_resumes(tiny_pixel_model, tmp_path):
 
 def test_the_guidance_flags_a_non_finite_gradient(pixel_prior):
     from helpers import text_pair
+    from text23d.guidance.base import Text
     from text23d.guidance.sds import SDSGuidance
 
     rgb = torch.full((1, 16, 16, 3), 0.5)
     cond, uncond = text_pair(pixel_prior, 1)
-    assert not SDSGuidance()(pixel_prior, rgb, cond, uncond)["nonfinite"]
+    assert not SDSGuidance()(pixel_prior, rgb, Text(cond, uncond)).nonfinite
     rgb[0, 3, 3, 0] = float("nan")
-    assert SDSGuidance()(pixel_prior, rgb, cond, uncond)["nonfinite"]  # the system then skips the step
+    assert SDSGuidance()(pixel_prior, rgb, Text(cond, uncond)).nonfinite  # the system then skips the step
 
 
 @pytest.mark.slow

@@ -6,6 +6,7 @@ import torch
 from helpers import NET_RTOL, assert_grad_close, cfg_amplification, text_pair as _text
 
 from text23d.errors import ConfigError
+from text23d.guidance.base import Text
 from text23d.guidance.cfg import guided_noise
 from text23d.guidance.sds import SDSGuidance
 
@@ -36,8 +37,8 @@ def test_sds_gradient_parity(latent_prior, weighting):
     x = torch.randn(batch, 4, 8, 8, requires_grad=True)
     t, noise = torch.tensor([100, 700]), torch.randn(batch, 4, 8, 8)
     sds = SDSGuidance(guidance_scale=7.5, weighting=weighting)
-    out = sds.from_model_space(latent_prior, x, cond, uncond, t=t, noise=noise)
-    out["loss_sds"].backward()
+    out = sds.from_model_space(latent_prior, x, Text(cond, uncond), t=t, noise=noise)
+    out.loss.backward()
 
     grad, tol = _reference_grad(latent_prior, x.detach(), cond, uncond, t, noise, 7.5, weighting, with_tol=True)
     # threestudio's bug: ε_c + s·(ε_c − ε_u), i.e. CFG s + 1. The tolerance must not hide it.
@@ -46,9 +47,9 @@ def test_sds_gradient_parity(latent_prior, weighting):
     assert_grad_close(x.grad * batch, grad, tol, wrong=wrong)
     # |Δ ½Σg²| ≤ Σ|g|·tol + ½N·tol² and |Δ‖g‖| ≤ √N·tol for elementwise errors ≤ tol.
     loss_tol = (grad.abs().sum().item() * tol + 0.5 * grad.numel() * tol**2) / batch
-    assert abs(out["loss_sds"].item() - 0.5 * (grad**2).sum().item() / batch) <= loss_tol
-    assert abs(out["grad_norm"].item() - grad.norm().item()) <= grad.numel() ** 0.5 * tol
-    assert torch.equal(out["t"], t)
+    assert abs(out.loss.item() - 0.5 * (grad**2).sum().item() / batch) <= loss_tol
+    assert abs(out.grad_norm.item() - grad.norm().item()) <= grad.numel() ** 0.5 * tol
+    assert torch.equal(out.t, t)
 
 
 def test_view_guidance_scales_the_view_words_on_their_own(pixel_prior):
@@ -59,7 +60,7 @@ def test_view_guidance_scales_the_view_words_on_their_own(pixel_prior):
     x = torch.randn(2, 3, 16, 16, requires_grad=True)
     t, noise = torch.tensor([300, 800]), torch.randn(2, 3, 16, 16)
     sds = SDSGuidance(guidance_scale=7.5, view_guidance_scale=30.0)
-    sds.from_model_space(pixel_prior, x, cond, uncond, t=t, noise=noise, text_plain=plain)["loss_sds"].backward()
+    sds.from_model_space(pixel_prior, x, Text(cond, uncond, plain), t=t, noise=noise).loss.backward()
     alpha = pixel_prior.scheduler.alphas_cumprod[t].view(-1, 1, 1, 1)
     x_t = alpha.sqrt() * x.detach() + (1 - alpha).sqrt() * noise
     with torch.no_grad():
@@ -72,11 +73,11 @@ def test_view_guidance_scales_the_view_words_on_their_own(pixel_prior):
 
     x.grad = None  # s_v = s: exactly the CFG direction of the view caption (ε_y cancels)
     same = SDSGuidance(guidance_scale=7.5, view_guidance_scale=7.5)
-    same.from_model_space(pixel_prior, x, cond, uncond, t=t, noise=noise, text_plain=plain)["loss_sds"].backward()
+    same.from_model_space(pixel_prior, x, Text(cond, uncond, plain), t=t, noise=noise).loss.backward()
     tol = NET_RTOL * cfg_amplification(7.5) * 2 * max(e.abs().max().item() for e in (e_c, e_u, e_y))
     assert_grad_close(x.grad * 2, (1 - alpha) * (e_u + 7.5 * (e_c - e_u) - noise), tol)
     with pytest.raises(ConfigError, match="view_guidance_scale"):  # a system that passes no plain prompt
-        sds.from_model_space(pixel_prior, x, cond, uncond, t=t, noise=noise)
+        sds.from_model_space(pixel_prior, x, Text(cond, uncond), t=t, noise=noise)
 
 
 def test_grad_clip_bounds(latent_prior):
@@ -85,7 +86,7 @@ def test_grad_clip_bounds(latent_prior):
     x = torch.randn(1, 4, 8, 8, requires_grad=True)
     t, noise = torch.tensor([600]), torch.randn(1, 4, 8, 8)
     sds = SDSGuidance(guidance_scale=100.0, grad_clip=0.05)
-    sds.from_model_space(latent_prior, x, cond, uncond, t=t, noise=noise)["loss_sds"].backward()
+    sds.from_model_space(latent_prior, x, Text(cond, uncond), t=t, noise=noise).loss.backward()
     grad, tol = _reference_grad(latent_prior, x.detach(), cond, uncond, t, noise, 100.0, with_tol=True)
     assert grad.abs().max() > 0.05  # the clip is active in this case
     assert x.grad.abs().max() <= 0.05 + 1e-6
@@ -96,11 +97,11 @@ def test_latent_gradient_reaches_rgb_through_vae(latent_prior):
     torch.manual_seed(2)
     cond, uncond = _text(latent_prior, 1)
     rgb = torch.rand(1, 24, 24, 3, requires_grad=True)  # renderer layout (B, H, W, 3), resized to 16
-    out = SDSGuidance()(latent_prior, rgb, cond, uncond)
-    out["loss_sds"].backward()
+    out = SDSGuidance()(latent_prior, rgb, Text(cond, uncond))
+    out.loss.backward()
     assert rgb.grad.shape == rgb.shape and torch.isfinite(rgb.grad).all()
     assert rgb.grad.abs().sum() > 0
-    assert 20 <= out["t"].item() <= 980
+    assert 20 <= out.t.item() <= 980
 
 
 def test_pixel_gradient_is_exact_at_native_resolution(pixel_prior):
@@ -109,7 +110,7 @@ def test_pixel_gradient_is_exact_at_native_resolution(pixel_prior):
     cond, uncond = _text(pixel_prior, batch)
     rgb = torch.rand(batch, 16, 16, 3, requires_grad=True)
     t, noise = torch.tensor([250, 900]), torch.randn(batch, 3, 16, 16)
-    SDSGuidance(guidance_scale=20.0)(pixel_prior, rgb, cond, uncond, t=t, noise=noise)["loss_sds"].backward()
+    SDSGuidance(guidance_scale=20.0)(pixel_prior, rgb, Text(cond, uncond), t=t, noise=noise).loss.backward()
     x = rgb.detach().permute(0, 3, 1, 2) * 2 - 1
     grad, tol = _reference_grad(pixel_prior, x, cond, uncond, t, noise, 20.0, with_tol=True)
     # x = 2·rgb − 1, so d loss / d rgb = 2 · grad / B, back in (B, H, W, 3) layout.
@@ -209,8 +210,8 @@ def test_annealed_max_t_reaches_the_sampled_timesteps_through_the_call(pixel_pri
     cond, uncond = _text(pixel_prior, batch)
     rgb = torch.rand(batch, 16, 16, 3)
     sds = SDSGuidance(guidance_scale=7.5, anneal_max_step_percent=0.3, anneal_at_fraction=0.5)
-    late = sds(pixel_prior, rgb, cond, uncond, step=60, max_steps=100)["t"]
-    early = sds(pixel_prior, rgb, cond, uncond, step=40, max_steps=100)["t"]
+    late = sds(pixel_prior, rgb, Text(cond, uncond), step=60, max_steps=100).t
+    early = sds(pixel_prior, rgb, Text(cond, uncond), step=40, max_steps=100).t
     assert 20 <= late.min() and late.max() <= 300
     assert early.max() > 300  # 32 draws from U{20, ..., 980}: all ≤ 300 has probability (281/961)^32 < 1e-16
 
@@ -223,16 +224,16 @@ def test_call_passes_the_plain_prompt_for_view_guidance(pixel_prior):
     rgb = torch.rand(2, 16, 16, 3)
     t, noise = torch.tensor([300, 800]), torch.randn(2, 3, 16, 16)
     sds = SDSGuidance(guidance_scale=7.5, view_guidance_scale=30.0)
-    a = sds(pixel_prior, rgb, cond, uncond, t=t, noise=noise, text_plain=plain)
-    b = sds.from_model_space(pixel_prior, rgb.permute(0, 3, 1, 2) * 2 - 1, cond, uncond, t=t, noise=noise, text_plain=plain)
-    assert torch.equal(a["loss_sds"], b["loss_sds"]) and torch.equal(a["t"], t)
+    a = sds(pixel_prior, rgb, Text(cond, uncond, plain), t=t, noise=noise)
+    b = sds.from_model_space(pixel_prior, rgb.permute(0, 3, 1, 2) * 2 - 1, Text(cond, uncond, plain), t=t, noise=noise)
+    assert torch.equal(a.loss, b.loss) and torch.equal(a.t, t)
 
 
 @pytest.mark.parametrize("shape", [(1, 3, 16, 16), (16, 16, 3), (1, 16, 16, 4)])
 def test_rgb_outside_renderer_layout_is_rejected(pixel_prior, shape):
     cond, uncond = _text(pixel_prior, 1)
     with pytest.raises(ValueError, match=r"renderer layout \(B, H, W, 3\)"):
-        SDSGuidance()(pixel_prior, torch.rand(shape), cond, uncond)
+        SDSGuidance()(pixel_prior, torch.rand(shape), Text(cond, uncond))
 
 
 def test_nonfinite_prediction_is_flagged_and_its_gradient_made_finite(pixel_prior):
@@ -243,13 +244,13 @@ def test_nonfinite_prediction_is_flagged_and_its_gradient_made_finite(pixel_prio
     x = torch.randn(2, 3, 16, 16, requires_grad=True)
     t, noise = torch.tensor([300, 600]), torch.randn(2, 3, 16, 16)
     sds = SDSGuidance(guidance_scale=7.5)
-    clean = sds.from_model_space(pixel_prior, x, cond, uncond, t=t, noise=noise)
-    assert not clean["nonfinite"]
+    clean = sds.from_model_space(pixel_prior, x, Text(cond, uncond), t=t, noise=noise)
+    assert not clean.nonfinite
     noise[0, 0, 0, 0] = float("nan")
-    out = sds.from_model_space(pixel_prior, x, cond, uncond, t=t, noise=noise)
-    assert out["nonfinite"]
-    out["loss_sds"].backward()
-    assert torch.isfinite(x.grad).all() and torch.isfinite(out["loss_sds"]) and torch.isfinite(out["grad_norm"])
+    out = sds.from_model_space(pixel_prior, x, Text(cond, uncond), t=t, noise=noise)
+    assert out.nonfinite
+    out.loss.backward()
+    assert torch.isfinite(x.grad).all() and torch.isfinite(out.loss) and torch.isfinite(out.grad_norm)
     grad, tol = _reference_grad(pixel_prior, x.detach()[1:], cond[1:], uncond[1:], t[1:], noise[1:], 7.5, with_tol=True)
     assert_grad_close(x.grad[1:] * 2, grad, tol)
 
@@ -266,8 +267,8 @@ def test_guidance_runs_on_the_priors_device(tiny_pixel_model):
     assert sds.sample_timesteps(prior, 3).device.type == "meta"
     x = torch.zeros(2, 3, 16, 16, device="meta", requires_grad=True)
     for t in (None, [100, 200]):
-        out = sds.from_model_space(prior, x, cond, uncond, t=t)
-        assert {v.device.type for v in out.values()} == {"meta"}
+        out = sds.from_model_space(prior, x, Text(cond, uncond), t=t)
+        assert {v.device.type for v in (out.loss, out.grad_norm, out.nonfinite, out.t, out.x0)} == {"meta"}
 
 
 @pytest.mark.parametrize(

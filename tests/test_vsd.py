@@ -7,9 +7,10 @@ import math
 import pytest
 import torch
 
-from helpers import NET_RTOL, assert_grad_close, cfg_amplification, text_pair as _text
+from helpers import NET_RTOL, assert_grad_close, cams_of, cfg_amplification, text_pair as _text
 
 from text23d.errors import CheckpointError, ConfigError
+from text23d.guidance.base import Text
 from text23d.guidance.lora import CameraLoRAUNet, load_lora_safetensors
 from text23d.guidance.sds import SDSGuidance
 from text23d.guidance.vsd import VSDGuidance, _check_compatible
@@ -73,8 +74,8 @@ def test_vsd_gradient_parity_pixel_through_rgb(pixel_prior):
     _perturb_lora(vsd.setup(pixel_prior))
     rgb = torch.rand(batch, 16, 16, 3, requires_grad=True)  # native resolution: x = 2·rgb − 1 exactly
     c2w, t, noise = _poses(batch), torch.tensor([250, 900]), torch.randn(batch, 3, 16, 16)
-    out = vsd(pixel_prior, rgb, cond, uncond, c2w, t=t, noise=noise)
-    out["loss_vsd"].backward()
+    out = vsd(pixel_prior, rgb, Text(cond, uncond), cams_of(c2w), t=t, noise=noise)
+    out.loss.backward()
 
     x = rgb.detach().permute(0, 3, 1, 2) * 2 - 1
     grad, tol = _reference_grad(pixel_prior, vsd.lora, x, cond, uncond, c2w, t, noise, 7.5, 1.0, "sds")
@@ -82,9 +83,9 @@ def test_vsd_gradient_parity_pixel_through_rgb(pixel_prior):
     wrong, _ = _reference_grad(pixel_prior, vsd.lora, x, cond, uncond, c2w, t, noise, 8.5, 1.0, "sds")
     to_rgb = lambda g: (2 * g / batch).permute(0, 2, 3, 1)  # noqa: E731  d x / d rgb = 2; loss / B
     assert_grad_close(rgb.grad, to_rgb(grad), 2 * tol / batch, wrong=to_rgb(wrong))
-    assert abs(out["grad_norm"].item() - grad.norm().item()) <= grad.numel() ** 0.5 * tol
-    assert torch.equal(out["t"], t)
-    assert torch.equal(out["x0"], x) and not out["x0"].requires_grad  # what the LoRA trains on
+    assert abs(out.grad_norm.item() - grad.norm().item()) <= grad.numel() ** 0.5 * tol
+    assert torch.equal(out.t, t)
+    assert torch.equal(out.x0, x) and not out.x0.requires_grad  # what the LoRA trains on
 
 
 def test_vsd_view_guidance_in_the_pretrained_term(pixel_prior):
@@ -98,7 +99,7 @@ def test_vsd_view_guidance_in_the_pretrained_term(pixel_prior):
     _perturb_lora(vsd.setup(pixel_prior))
     x = torch.randn(batch, 3, 16, 16, requires_grad=True)
     c2w, t, noise = _poses(batch), torch.tensor([300, 700]), torch.randn(batch, 3, 16, 16)
-    vsd.from_model_space(pixel_prior, x, cond, uncond, c2w, t=t, noise=noise, text_plain=plain)["loss_vsd"].backward()
+    vsd.from_model_space(pixel_prior, x, Text(cond, uncond, plain), cams_of(c2w), t=t, noise=noise).loss.backward()
     plain_cfg, tol = _reference_grad(pixel_prior, vsd.lora, x.detach(), cond, uncond, c2w, t, noise, 7.5, 1.0, "sds")
     alpha = pixel_prior.scheduler.alphas_cumprod[t].view(-1, 1, 1, 1)
     x_t = alpha.sqrt() * x.detach() + (1 - alpha).sqrt() * noise
@@ -109,7 +110,7 @@ def test_vsd_view_guidance_in_the_pretrained_term(pixel_prior):
     tol *= (6.5 + 22.5 + 30.0 + 1.0) / (cfg_amplification(7.5) + 1.0)  # three predictions, amplified
     assert_grad_close(x.grad * batch, expected, tol, wrong=plain_cfg)
     with pytest.raises(ConfigError, match="view_guidance_scale"):
-        vsd.from_model_space(pixel_prior, x, cond, uncond, c2w, t=t, noise=noise)
+        vsd.from_model_space(pixel_prior, x, Text(cond, uncond), cams_of(c2w), t=t, noise=noise)
 
 
 def test_vsd_gradient_parity_latent_with_lora_cfg(latent_prior):
@@ -120,8 +121,8 @@ def test_vsd_gradient_parity_latent_with_lora_cfg(latent_prior):
     _perturb_lora(vsd.setup(latent_prior), seed=1)
     x = torch.randn(batch, 4, 8, 8, requires_grad=True)
     c2w, t, noise = _poses(batch, 1), torch.tensor([100, 700]), torch.randn(batch, 4, 8, 8)
-    out = vsd.from_model_space(latent_prior, x, cond, uncond, c2w, t=t, noise=noise)
-    out["loss_vsd"].backward()
+    out = vsd.from_model_space(latent_prior, x, Text(cond, uncond), cams_of(c2w), t=t, noise=noise)
+    out.loss.backward()
     grad, tol = _reference_grad(
         latent_prior, vsd.lora, x.detach(), cond, uncond, c2w, t, noise, 7.5, 2.0, "uniform"
     )
@@ -130,7 +131,7 @@ def test_vsd_gradient_parity_latent_with_lora_cfg(latent_prior):
     assert_grad_close(x.grad * batch, grad, tol, wrong=wrong)
     # |Δ ½Σg²| ≤ Σ|g|·tol + ½N·tol² for elementwise errors ≤ tol.
     loss_tol = (grad.abs().sum().item() * tol + 0.5 * grad.numel() * tol**2) / batch
-    assert abs(out["loss_vsd"].item() - 0.5 * (grad**2).sum().item() / batch) <= loss_tol
+    assert abs(out.loss.item() - 0.5 * (grad**2).sum().item() / batch) <= loss_tol
 
 
 def test_fresh_lora_is_the_base_model_so_vsd_is_sds_with_eps_hat_for_eps(latent_prior):
@@ -149,10 +150,10 @@ def test_fresh_lora_is_the_base_model_so_vsd_is_sds_with_eps_hat_for_eps(latent_
     x = torch.randn(batch, 4, 8, 8)
     noise = torch.randn(batch, 4, 8, 8)
     grads = []
-    for guidance, args in ((vsd, (c2w,)), (SDSGuidance(guidance_scale=7.5), ())):
+    for guidance, args in ((vsd, (cams_of(c2w),)), (SDSGuidance(guidance_scale=7.5), ())):
         xg = x.clone().requires_grad_(True)
-        out = guidance.from_model_space(latent_prior, xg, cond, uncond, *args, t=t, noise=noise)
-        next(v for k, v in out.items() if k.startswith("loss_")).backward()
+        out = guidance.from_model_space(latent_prior, xg, Text(cond, uncond), *args, t=t, noise=noise)
+        out.loss.backward()
         grads.append(xg.grad * batch)
     alpha = latent_prior.alphas_cumprod[t].view(-1, 1, 1, 1)
     x_t = alpha.sqrt() * x + (1 - alpha).sqrt() * noise
@@ -176,7 +177,7 @@ def trained(pixel_prior):
 
     def loss():
         torch.manual_seed(123)  # the same t, ε and camera-drop draws every time: a fixed batch
-        return vsd.lora_loss(x0, cond, c2w)
+        return vsd.learn(x0, Text(cond, cond), cams_of(c2w))
 
     with torch.no_grad():
         losses = [loss().item()]
@@ -276,7 +277,7 @@ def test_v_prediction_lora_base(pixel_prior, tmp_path):
     x0 = torch.rand(batch, 3, 16, 16) * 2 - 1
     torch.manual_seed(9)
     with torch.no_grad():
-        loss = vsd.lora_loss(x0, cond, c2w)
+        loss = vsd.learn(x0, Text(cond, cond), cams_of(c2w))
     torch.manual_seed(9)
     t = torch.randint(0, 1000, (batch,))
     noise = torch.randn(x0.shape)
@@ -326,7 +327,7 @@ def test_the_configured_anneal_is_at_step_5000_of_every_stage():
 def test_vsd_needs_setup(pixel_prior):
     cond, uncond = _text(pixel_prior, 1)
     with pytest.raises(RuntimeError, match="setup"):
-        VSDGuidance()(pixel_prior, torch.rand(1, 16, 16, 3), cond, uncond, _poses(1))
+        VSDGuidance()(pixel_prior, torch.rand(1, 16, 16, 3), Text(cond, uncond), cams_of(_poses(1)))
 
 
 @pytest.mark.parametrize(
@@ -402,7 +403,7 @@ def test_vsd_of_four_views_with_lora_cfg(pixel_prior):
     _perturb_lora(vsd.setup(pixel_prior), seed=22)
     x = torch.randn(batch, 3, 16, 16, requires_grad=True)
     c2w, t, noise = _poses(batch, 22), torch.tensor([40, 300, 650, 900]), torch.randn(batch, 3, 16, 16)
-    vsd.from_model_space(pixel_prior, x, cond, uncond, c2w, t=t, noise=noise)["loss_vsd"].backward()
+    vsd.from_model_space(pixel_prior, x, Text(cond, uncond), cams_of(c2w), t=t, noise=noise).loss.backward()
     grad, tol = _reference_grad(pixel_prior, vsd.lora, x.detach(), cond, uncond, c2w, t, noise, 7.5, 2.0, "sds")
     wrong, _ = _reference_grad(pixel_prior, vsd.lora, x.detach(), cond, uncond, c2w, t, noise, 7.5, 1.0, "sds")
     assert_grad_close(x.grad * batch, grad, tol, wrong=wrong)
@@ -415,8 +416,8 @@ def test_annealed_max_t_reaches_the_sampled_timesteps_through_the_call(pixel_pri
     vsd = VSDGuidance(anneal_max_step_percent=0.3, anneal_at_fraction=0.5)
     vsd.setup(pixel_prior)
     rgb, c2w = torch.rand(batch, 16, 16, 3), _poses(batch, 23)
-    late = vsd(pixel_prior, rgb, cond, uncond, c2w, step=60, max_steps=100)["t"]
-    early = vsd(pixel_prior, rgb, cond, uncond, c2w, step=40, max_steps=100)["t"]
+    late = vsd(pixel_prior, rgb, Text(cond, uncond), cams_of(c2w), step=60, max_steps=100).t
+    early = vsd(pixel_prior, rgb, Text(cond, uncond), cams_of(c2w), step=40, max_steps=100).t
     assert 20 <= late.min() and late.max() <= 300
     assert early.max() > 300  # 16 draws from U{20, ..., 980}: all ≤ 300 has probability < 1e-8
 
@@ -430,12 +431,12 @@ def test_call_passes_the_plain_prompt_and_the_draws(pixel_prior):
     _perturb_lora(vsd.setup(pixel_prior), seed=24)
     rgb, c2w = torch.rand(2, 16, 16, 3), _poses(2, 24)
     t, noise = torch.tensor([300, 800]), torch.randn(2, 3, 16, 16)
-    a = vsd(pixel_prior, rgb, cond, uncond, c2w, t=t, noise=noise, text_plain=plain)
-    b = vsd.from_model_space(pixel_prior, rgb.permute(0, 3, 1, 2) * 2 - 1, cond, uncond, c2w, t=t, noise=noise,
-                             text_plain=plain)
-    assert torch.equal(a["loss_vsd"], b["loss_vsd"]) and torch.equal(a["t"], t) and torch.equal(a["x0"], b["x0"])
+    a = vsd(pixel_prior, rgb, Text(cond, uncond, plain), cams_of(c2w), t=t, noise=noise)
+    b = vsd.from_model_space(pixel_prior, rgb.permute(0, 3, 1, 2) * 2 - 1, Text(cond, uncond, plain), cams_of(c2w),
+                             t=t, noise=noise)
+    assert torch.equal(a.loss, b.loss) and torch.equal(a.t, t) and torch.equal(a.x0, b.x0)
     with pytest.raises(ValueError, match=r"renderer layout \(B, H, W, 3\)"):
-        vsd(pixel_prior, rgb.permute(0, 3, 1, 2), cond, uncond, c2w, t=t, noise=noise, text_plain=plain)
+        vsd(pixel_prior, rgb.permute(0, 3, 1, 2), Text(cond, uncond, plain), cams_of(c2w), t=t, noise=noise)
 
 
 def test_nonfinite_prediction_is_flagged_and_its_gradient_made_finite(pixel_prior):
@@ -445,12 +446,12 @@ def test_nonfinite_prediction_is_flagged_and_its_gradient_made_finite(pixel_prio
     _perturb_lora(vsd.setup(pixel_prior), seed=25)
     x = torch.randn(2, 3, 16, 16, requires_grad=True)
     c2w, t, noise = _poses(2, 25), torch.tensor([300, 600]), torch.randn(2, 3, 16, 16)
-    assert not vsd.from_model_space(pixel_prior, x, cond, uncond, c2w, t=t, noise=noise)["nonfinite"]
+    assert not vsd.from_model_space(pixel_prior, x, Text(cond, uncond), cams_of(c2w), t=t, noise=noise).nonfinite
     noise[0, 0, 0, 0] = float("nan")
-    out = vsd.from_model_space(pixel_prior, x, cond, uncond, c2w, t=t, noise=noise)
-    assert out["nonfinite"]
-    out["loss_vsd"].backward()
-    assert torch.isfinite(x.grad).all() and torch.isfinite(out["loss_vsd"]) and torch.isfinite(out["grad_norm"])
+    out = vsd.from_model_space(pixel_prior, x, Text(cond, uncond), cams_of(c2w), t=t, noise=noise)
+    assert out.nonfinite
+    out.loss.backward()
+    assert torch.isfinite(x.grad).all() and torch.isfinite(out.loss) and torch.isfinite(out.grad_norm)
     grad, tol = _reference_grad(pixel_prior, vsd.lora, x.detach()[1:], cond[1:], uncond[1:], c2w[1:], t[1:],
                                 noise[1:], 7.5, 1.0, "sds")
     assert_grad_close(x.grad[1:] * 2, grad, tol)
@@ -468,8 +469,8 @@ def test_vsd_runs_on_the_priors_device(tiny_pixel_model):
     assert vsd.sample_timesteps(prior, 3).device.type == "meta"
     x = torch.zeros(2, 3, 16, 16, device="meta", requires_grad=True)
     for t in (None, [100, 200]):
-        out = vsd.from_model_space(prior, x, cond, uncond, _poses(2), t=t)
-        assert {v.device.type for v in out.values()} == {"meta"}
+        out = vsd.from_model_space(prior, x, Text(cond, uncond), cams_of(_poses(2)), t=t)
+        assert {v.device.type for v in (out.loss, out.grad_norm, out.nonfinite, out.t, out.x0)} == {"meta"}
 
 
 def _edited_copy(model, tmp_path, component, **changes):
@@ -548,13 +549,13 @@ def test_grad_clip_bounds_each_element_on_both_sides(pixel_prior):
     _perturb_lora(vsd.setup(pixel_prior), seed=26)
     x = torch.randn(1, 3, 16, 16, requires_grad=True)
     c2w, t, noise = _poses(1, 26), torch.tensor([700]), torch.randn(1, 3, 16, 16)
-    out = vsd.from_model_space(pixel_prior, x, cond, uncond, c2w, t=t, noise=noise)
-    out["loss_vsd"].backward()
+    out = vsd.from_model_space(pixel_prior, x, Text(cond, uncond), cams_of(c2w), t=t, noise=noise)
+    out.loss.backward()
     grad, tol = _reference_grad(pixel_prior, vsd.lora, x.detach(), cond, uncond, c2w, t, noise, 7.5, 1.0, "sds")
     assert (grad > 0.03).sum() > 10 and (grad < -0.03).sum() > 10 and (grad.abs() < 0.01).sum() > 10
     clipped = grad.clamp(-0.02, 0.02)
     assert_grad_close(x.grad, clipped, tol, wrong=grad)
-    assert abs(out["grad_norm"].item() - clipped.norm().item()) <= grad.numel() ** 0.5 * tol
+    assert abs(out.grad_norm.item() - clipped.norm().item()) <= grad.numel() ** 0.5 * tol
 
 
 def _base_like(prior, **unet_changes):

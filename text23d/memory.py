@@ -176,7 +176,7 @@ def prior_bytes(prior, stage, height: int, width: int, particles: int) -> int:
         return 0
     dtype, batch = prior.dtype, stage.cfg.batch_size * particles
     guidance = stage.guidance
-    branches = 3 if getattr(guidance, "view_guidance_scale", None) is not None else 2  # cond, uncond (, plain)
+    branches = 3 if "text_plain" in guidance.needs else 2  # cond, uncond (, plain)
     unet = _meta_copy(prior.unet, dtype)
     side = prior.resolution // (2 ** (len(prior.vae.config.block_out_channels) - 1) if prior.vae is not None else 1)
     x = torch.zeros(branches * batch, prior.channels, side, side, device="meta", dtype=dtype)
@@ -194,7 +194,7 @@ def _prior_parts(prior, unet, guidance, x, t, emb, dtype, batch) -> int:
         rgb = torch.zeros(batch, 3, prior.resolution, prior.resolution, device="meta", dtype=dtype,
                           requires_grad=True)
         total += saved_bytes(lambda: vae.encode(rgb).latent_dist.mean, list(vae.parameters()))
-    if hasattr(guidance, "lora_loss"):  # VSD: the LoRA's training pass, through the whole U-Net
+    if guidance.learns_from_renders:  # VSD: the LoRA's training pass, through the whole U-Net
         xb = x[:batch].detach().requires_grad_(True)
         total += saved_bytes(lambda: unet(xb, t[:batch], encoder_hidden_states=emb[:batch]), list(unet.parameters()))
     return total

@@ -30,6 +30,15 @@ class Cameras:
     def to(self, device) -> "Cameras":
         return Cameras(*(getattr(self, f).to(device) for f in self.__dataclass_fields__))
 
+    def __getitem__(self, index) -> "Cameras":
+        """The views at `index` (a slice keeps them a batch)."""
+        return Cameras(*(getattr(self, f)[index] for f in self.__dataclass_fields__))
+
+    @staticmethod
+    def cat(batches: list["Cameras"]) -> "Cameras":
+        """One batch of every view of `batches`, in order."""
+        return Cameras(*(torch.cat([getattr(b, f) for b in batches]) for f in Cameras.__dataclass_fields__))
+
 
 def look_at(position: Tensor, target: Tensor | None = None) -> Tensor:
     """c2w (B, 4, 4) for cameras at `position` (B, 3) looking at `target` (origin), z-up."""

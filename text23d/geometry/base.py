@@ -18,6 +18,12 @@ class Geometry(nn.Module):
     """
 
     provides = frozenset({"density", "albedo", "normals"})  # see systems/parts.py
+    needs_previous = frozenset()  # init: previous copies a geometry of its own kind
+    needs_colour_field = False  # it has its own colour (a mesh geometry may take an earlier stage's)
+
+    def colour_field(self) -> nn.Module:
+        """The module whose albedo colours this geometry: itself."""
+        return self
 
     def __init__(self, radius: float = 1.0, blob_density: float = 10.0, blob_radius: float = 0.5,
                  normal_eps: float = 0.01):

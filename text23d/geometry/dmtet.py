@@ -130,6 +130,14 @@ class DMTet(nn.Module):
     provides = frozenset({"mesh", "albedo"})  # see systems/parts.py
     needs_previous = frozenset({"density"})  # what init: previous starts it from
 
+    @property
+    def needs_colour_field(self) -> bool:
+        """No colour field of its own: a stage that starts from an earlier one gives it a copy of that one's."""
+        return self.color is None
+
+    def colour_field(self) -> nn.Module:
+        return self if self.color is None else self.color
+
     def __init__(self, resolution: int = 32, radius: float = 1.0, color: nn.Module | None = None,
                  sphere_radius: float = 0.5, max_deform: float = 0.5):
         super().__init__()

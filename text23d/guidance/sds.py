@@ -5,54 +5,18 @@
 with x = g(θ) the render in the prior's model space, x_t = sqrt(ᾱ_t)·x + sqrt(1−ᾱ_t)·ε and ε̂ the
 classifier-free-guided noise prediction. The U-Net Jacobian ∂ε̂/∂x_t is dropped (eq. 3 vs eq. 2),
 so the U-Net runs without grad and only the renderer (and, for latent priors, the VAE encoder)
-is backpropagated through.
+is backpropagated through. The timesteps, w(t), CFG and the surrogate loss are base.py's; SDS adds
+only its baseline: the sampled noise ε.
 """
-
 from __future__ import annotations
 
-import torch
-import torch.nn.functional as F
+from torch import Tensor
 
-from omegaconf import ListConfig
-
-from text23d.errors import ConfigError
-from text23d.guidance.cfg import check_view_scale, guided_noise
-
-WEIGHTINGS = ("sds", "uniform")
+from text23d.guidance.base import ScoreDistillation, Text
 
 
-def max_step_ramp(max_step_percent, min_step_percent: float) -> tuple[float, tuple | None]:
-    """max_step_percent as (its value at the first step, the ramp or None). A ramp [start_step,
-    start_value, end_value, end_step] goes linearly from one value to the other over stage-local steps
-    (threestudio's [5000, 0.98, 0.5, 5001]: 0.98, then 0.5 after 5,000 steps). Also used by vsd.py."""
-    ramp = None
-    if isinstance(max_step_percent, (list, tuple, ListConfig)):
-        ramp = tuple(max_step_percent)
-        ok = len(ramp) == 4 and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in ramp)
-        if not ok or not 0 <= ramp[0] <= ramp[3]:
-            raise ConfigError(f"max_step_percent={list(ramp)}: a number or a ramp [start_step, start_value, end_value, "
-                              "end_step] with 0 ≤ start_step ≤ end_step. Fix: e.g. max_step_percent=[5000,0.98,0.5,5001]")
-    for value in (ramp[1:3] if ramp else (max_step_percent,)):
-        if not 0 < min_step_percent < value <= 1:
-            raise ConfigError(
-                f"timestep range min_step_percent={min_step_percent}, max_step_percent={list(ramp) if ramp else value} "
-                "is invalid: need 0 < min < max <= 1. Fix: e.g. min_step_percent=0.02, max_step_percent=0.98"
-            )
-    return float(ramp[1] if ramp else max_step_percent), ramp
-
-
-def ramp_at(ramp: tuple, step: int) -> float:
-    """The ramp's value at `step` (a deliberate copy of systems/losses.scheduled: guidance stays a leaf)."""
-    start_step, start_value, end_value, end_step = ramp
-    if end_step <= start_step:
-        return float(end_value if step >= end_step else start_value)
-    frac = min(max((step - start_step) / (end_step - start_step), 0.0), 1.0)
-    return float(start_value + frac * (end_value - start_value))
-
-
-class SDSGuidance:
-    needs = frozenset({"rgb", "text"})  # what the system must hand it (systems/parts.py)
-    provides = frozenset()
+class SDSGuidance(ScoreDistillation):
+    name = "sds"
 
     def __init__(
         self,
@@ -65,93 +29,8 @@ class SDSGuidance:
         anneal_at_fraction: float = 0.5,
         view_guidance_scale: float | None = None,
     ):
-        if not guidance_scale >= 0:
-            raise ConfigError(
-                f"guidance_scale={guidance_scale} must be >= 0 (SDS with SD uses 100, DeepFloyd IF 20). "
-                "Fix: guidance.guidance_scale=100"
-            )
-        if weighting not in WEIGHTINGS:
-            raise ConfigError(f"weighting={weighting!r} is not supported: use one of {WEIGHTINGS}.")
-        if grad_clip is not None and not grad_clip > 0:
-            raise ConfigError(f"grad_clip={grad_clip} must be > 0, or null to disable clipping.")
-        start, self.max_step_ramp = max_step_ramp(max_step_percent, min_step_percent)
-        if self.max_step_ramp is not None and anneal_max_step_percent is not None:
-            raise ConfigError(f"max_step_percent={list(self.max_step_ramp)} is a ramp and anneal_max_step_percent="
-                              f"{anneal_max_step_percent} an anneal: use one. Fix: anneal_max_step_percent=null")
-        self.guidance_scale = float(guidance_scale)
-        self.weighting = weighting
-        self.grad_clip = grad_clip
-        if anneal_max_step_percent is not None and not 0 < min_step_percent < anneal_max_step_percent <= 1:
-            raise ConfigError(
-                f"anneal_max_step_percent={anneal_max_step_percent} must lie in (min_step_percent={min_step_percent}, 1], "
-                "or be null (no anneal). Fix: e.g. anneal_max_step_percent=0.5"
-            )
-        if not 0 <= anneal_at_fraction <= 1:
-            raise ConfigError(f"anneal_at_fraction={anneal_at_fraction} must be in [0, 1] (a fraction of the stage's steps)")
-        self.view_guidance_scale = check_view_scale(view_guidance_scale)
-        self.min_step_percent = float(min_step_percent)
-        self.max_step_percent = start  # a ramp's first value
-        self.anneal_max_step_percent = anneal_max_step_percent
-        self.anneal_at_fraction = float(anneal_at_fraction)
+        super().__init__(guidance_scale, min_step_percent, max_step_percent, weighting, grad_clip,
+                         anneal_max_step_percent, anneal_at_fraction, view_guidance_scale)
 
-    def max_step_at(self, step: int | None, max_steps: int | None) -> float:
-        """max t as a fraction of T at stage-local `step`: the ramp's value, or max_step_percent, then
-        anneal_max_step_percent once step ≥ anneal_at_fraction · max_steps (late steps at lower noise
-        refine what the early ones shaped)."""
-        if self.max_step_ramp is not None:
-            return self.max_step_percent if step is None else ramp_at(self.max_step_ramp, step)
-        if self.anneal_max_step_percent is None or step is None or max_steps is None:
-            return self.max_step_percent
-        return self.anneal_max_step_percent if step >= self.anneal_at_fraction * max_steps else self.max_step_percent
-
-    def sample_timesteps(self, prior, batch_size: int, max_step_percent: float | None = None) -> torch.Tensor:
-        """t ~ U{min·T, ..., max·T}, one per view, from torch's global CPU RNG (device independent)."""
-        steps = prior.num_train_timesteps
-        low = int(self.min_step_percent * steps)
-        top = self.max_step_percent if max_step_percent is None else max_step_percent
-        high = min(int(top * steps), steps - 1)
-        return torch.randint(low, high + 1, (batch_size,)).to(prior.device)
-
-    def __call__(self, prior, rgb, text_cond, text_uncond, t=None, noise=None, step=None, max_steps=None,
-                 text_plain=None) -> dict:
-        """rgb (B, H, W, 3) in [0, 1], text_cond/text_uncond (B, L, D) -> {"loss_sds", "grad_norm", "t"}.
-        text_plain (B, L, D): the prompt without view words, needed when view_guidance_scale is set."""
-        if rgb.ndim != 4 or rgb.shape[-1] != 3:
-            raise ValueError(f"SDS expects rgb in renderer layout (B, H, W, 3), got {tuple(rgb.shape)}")
-        x = prior.images_to_model_space(rgb.permute(0, 3, 1, 2))  # (B, C, h, w)
-        return self.from_model_space(prior, x, text_cond, text_uncond, t=t, noise=noise, step=step, max_steps=max_steps,
-                                     text_plain=text_plain)
-
-    def from_model_space(self, prior, x, text_cond, text_uncond, t=None, noise=None, step=None, max_steps=None,
-                         text_plain=None) -> dict:
-        """The same loss for an x already in model space (B, C, h, w); gradients flow to x."""
-        batch = x.shape[0]
-        x = x.float()  # the surrogate loss and its gradient in float32 even for a half-precision prior
-        if t is None:
-            t = self.sample_timesteps(prior, batch, self.max_step_at(step, max_steps))
-        t = torch.as_tensor(t, device=x.device).long().reshape(-1).expand(batch)
-        if noise is None:
-            noise = torch.randn(x.shape).to(x.device)  # CPU RNG: same draw on every device
-        alpha = prior.alphas_cumprod[t].view(-1, 1, 1, 1)  # ᾱ_t (B, 1, 1, 1)
-
-        with torch.no_grad():  # the U-Net Jacobian is skipped (DreamFusion eq. 3)
-            x_t = alpha.sqrt() * x + (1 - alpha).sqrt() * noise  # forward diffusion q(x_t | x)
-            eps_hat = guided_noise(prior, x_t, t, text_cond, text_uncond, self.guidance_scale,
-                                   self.view_guidance_scale, text_plain)  # CFG (cfg.py)
-            # w(t) = 1 − ᾱ_t (DreamFusion appendix A.4): small at low noise, where ε̂ − ε is mostly
-            # the model's error on a clean-looking image rather than a useful direction.
-            weight = (1 - alpha) if self.weighting == "sds" else torch.ones_like(alpha)
-            raw = weight * (eps_hat - noise)  # (B, C, h, w)
-            # A NaN/Inf here (fp16 overflow, a broken prior) makes the system skip the step; the
-            # gradient is still made finite, so the logged loss stays readable.
-            nonfinite = ~torch.isfinite(raw).all()
-            grad = torch.nan_to_num(raw)
-            if self.grad_clip is not None:
-                grad = grad.clamp(-self.grad_clip, self.grad_clip)
-
-        # Surrogate: d/dx 0.5·||x − sg(x − grad)||² = grad. Summed, then divided by B so a larger
-        # batch of views averages the per-view gradients instead of adding them (each view's x
-        # receives grad / B; exactly grad when B = 1).
-        target = (x - grad).detach()
-        loss = 0.5 * F.mse_loss(x, target, reduction="sum") / batch
-        return {"loss_sds": loss, "grad_norm": grad.norm().detach(), "nonfinite": nonfinite, "t": t}
+    def baseline(self, x_t: Tensor, t: Tensor, noise: Tensor, text: Text, cams) -> Tensor:
+        return noise  # ε̂ − ε: the views need no camera

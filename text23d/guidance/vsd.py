@@ -5,32 +5,39 @@
 x = g(θ, c) is the render in the prior's model space, x_t = sqrt(ᾱ_t)·x + sqrt(1−ᾱ_t)·ε.
 SDS (eq. 3 of DreamFusion) subtracts the sampled noise ε; VSD subtracts ε̂_φ, the score of the
 distribution of the current renders, estimated by a camera-conditioned LoRA copy of the prior
-(lora.py) that the system trains alternately on the detached renders (`lora_loss`, eq. 10). With
+(lora.py) that the system trains alternately on the detached renders (`learn`, eq. 10). With
 one particle and a LoRA that fits it perfectly, VSD reduces to SDS; because ε̂_φ is smooth where ε is
 not, VSD works at a normal CFG (7.5) instead of SDS's 100.
 
-The system's loop, per 3D step:
-    out = vsd(prior, rgb, cond, uncond, c2w, step, max_steps); out["loss_vsd"].backward()   # θ
-    for _ in range(vsd.lora_steps): vsd.lora_loss(out["x0"], cond, c2w).backward(); lora_opt.step()
+The timesteps, w(t), CFG and the surrogate loss are base.py's; VSD adds its baseline (the LoRA's
+ε̂_φ) and `learn`, which the system calls after each 3D step, `lora_steps` times:
+    out = vsd(prior, rgb, text, cams, step=step, max_steps=steps); out.loss.backward()    # θ
+    vsd.learn(out.x0, text, cams).backward(); lora_optimizer.step()                        # φ
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
+from torch import Tensor
 
 from text23d.errors import ConfigError
-from text23d.guidance.cfg import check_view_scale, guided_noise
+from text23d.guidance.base import ScoreDistillation, Text
 from text23d.guidance.lora import CameraLoRAUNet
-from text23d.guidance.sds import max_step_ramp, ramp_at
-
-WEIGHTINGS = ("sds", "uniform")
 
 
-class VSDGuidance:
+def _c2w(cams) -> Tensor:
+    """The LoRA's camera condition: each view's c2w flattened (B, 16)."""
+    return cams.c2w.reshape(len(cams), 16).float()
+
+
+class VSDGuidance(ScoreDistillation):
+    name = "vsd"
+    default_guidance_scale = 7.5
+    cfg_hint = "VSD uses a normal CFG, 7.5"
     # Each view's pose conditions the LoRA, which the system must train on the renders (parts.py).
     needs = frozenset({"rgb", "text", "camera_pose", "lora_training"})
     provides = frozenset({"lora"})
+    learns_from_renders = True
 
     def __init__(
         self,
@@ -49,21 +56,13 @@ class VSDGuidance:
         lora_pretrained_model_name_or_path: str | None = None,
         view_guidance_scale: float | None = None,
     ):
-        # Deliberate duplication of SDSGuidance's checks (sds.py): one algorithm per file.
-        if not guidance_scale >= 0:
-            raise ConfigError(
-                f"guidance_scale={guidance_scale} must be >= 0 (VSD uses a normal CFG, 7.5). "
-                "Fix: guidance.guidance_scale=7.5"
-            )
+        super().__init__(guidance_scale, min_step_percent, max_step_percent, weighting, grad_clip,
+                         anneal_max_step_percent, anneal_at_fraction, view_guidance_scale)
         if not lora_guidance_scale >= 0:
             raise ConfigError(
                 f"lora_guidance_scale={lora_guidance_scale} must be >= 0 (1.0 = camera-conditioned "
                 "LoRA prediction only). Fix: guidance.lora_guidance_scale=1.0"
             )
-        if weighting not in WEIGHTINGS:
-            raise ConfigError(f"weighting={weighting!r} is not supported: use one of {WEIGHTINGS}.")
-        if grad_clip is not None and not grad_clip > 0:
-            raise ConfigError(f"grad_clip={grad_clip} must be > 0, or null to disable clipping.")
         if not (isinstance(lora_rank, int) and lora_rank >= 1):
             raise ConfigError(
                 f"lora_rank={lora_rank!r} must be a positive integer (4-16 is usual). Fix: lora_rank=4"
@@ -81,38 +80,11 @@ class VSDGuidance:
             raise ConfigError(
                 f"camera_drop_prob={camera_drop_prob} must be in [0, 1]. Fix: camera_drop_prob=0.1"
             )
-        if not 0 <= anneal_at_fraction <= 1:
-            raise ConfigError(
-                f"anneal_at_fraction={anneal_at_fraction} must be in [0, 1] (fraction of max_steps after "
-                "which max t is lowered; ProlificDreamer: 5k of 25k). Fix: anneal_at_fraction=0.2"
-            )
-        self.guidance_scale = float(guidance_scale)
-        self.view_guidance_scale = check_view_scale(view_guidance_scale)  # the pretrained term's (cfg.py)
         self.lora_guidance_scale = float(lora_guidance_scale)
-        self.weighting = weighting
-        self.grad_clip = grad_clip
-        self.min_step_percent = float(min_step_percent)
-        self.max_step_percent, self.max_step_ramp = max_step_ramp(max_step_percent, self.min_step_percent)
-        if self.max_step_ramp is not None and anneal_max_step_percent is not None:
-            raise ConfigError(f"max_step_percent={list(self.max_step_ramp)} is a ramp and anneal_max_step_percent="
-                              f"{anneal_max_step_percent} an anneal: use one. Fix: anneal_max_step_percent=null")
-        if anneal_max_step_percent is not None:
-            self._check_step_range(anneal_max_step_percent, "anneal_max_step_percent")
-            anneal_max_step_percent = float(anneal_max_step_percent)
-        self.anneal_max_step_percent = anneal_max_step_percent
-        self.anneal_at_fraction = float(anneal_at_fraction)
         self.lora_rank, self.lora_lr, self.lora_steps = lora_rank, float(lora_lr), lora_steps
         self.camera_drop_prob = float(camera_drop_prob)
         self.lora_pretrained_model_name_or_path = lora_pretrained_model_name_or_path
         self.lora: CameraLoRAUNet | None = None
-
-    def _check_step_range(self, value, name: str) -> None:
-        if not 0 < self.min_step_percent < value <= 1:
-            raise ConfigError(
-                f"timestep range min_step_percent={self.min_step_percent}, {name}={value} is invalid: "
-                "need 0 < min < max <= 1. Fix: e.g. min_step_percent=0.02, max_step_percent=0.98, "
-                "anneal_max_step_percent=0.5"
-            )
 
     # --- the LoRA score model -----------------------------------------------------------------
 
@@ -147,10 +119,11 @@ class VSDGuidance:
         """AdamW over the LoRA + camera-MLP weights at `lora_lr` (ProlificDreamer's choice)."""
         return torch.optim.AdamW(self._require_lora().trainable_parameters(), lr=self.lora_lr)
 
-    def lora_loss(self, x0, text_cond, c2w) -> torch.Tensor:
-        """Diffusion loss (eq. 10) of the LoRA model on detached model-space renders x0 (B, C, h, w)."""
+    def learn(self, x0: Tensor, text: Text, cams) -> Tensor:
+        """Diffusion loss (eq. 10) of the LoRA model on detached model-space renders x0 (B, C, h, w):
+        what the system minimises `lora_steps` times after each 3D step."""
         return self._require_lora().diffusion_loss(
-            x0.detach(), text_cond, c2w, camera_drop_prob=self.camera_drop_prob
+            x0.detach(), text.cond, _c2w(cams).to(x0.device), camera_drop_prob=self.camera_drop_prob
         )
 
     def _require_lora(self) -> CameraLoRAUNet:
@@ -160,85 +133,12 @@ class VSDGuidance:
             )
         return self.lora
 
-    # --- timesteps ----------------------------------------------------------------------------
-
-    def max_step_at(self, step: int | None, max_steps: int | None) -> float:
-        """max t as a fraction of T at stage-local `step`: the ramp's value (threestudio's
-        [5000, 0.98, 0.5, 5001] in every VSD stage), or max_step_percent, then anneal_max_step_percent
-        once step >= anneal_at_fraction · max_steps."""
-        if self.max_step_ramp is not None:
-            return self.max_step_percent if step is None else ramp_at(self.max_step_ramp, step)
-        if self.anneal_max_step_percent is None or step is None or max_steps is None:
-            return self.max_step_percent
-        if step >= self.anneal_at_fraction * max_steps:
-            return self.anneal_max_step_percent
-        return self.max_step_percent
-
-    def sample_timesteps(self, prior, batch_size: int, max_step_percent: float | None = None) -> torch.Tensor:
-        """t ~ U{min·T, ..., max·T}, one per view, from torch's global CPU RNG (device independent)."""
-        steps = prior.num_train_timesteps
-        low = int(self.min_step_percent * steps)
-        if max_step_percent is None:
-            max_step_percent = self.max_step_percent
-        high = min(int(max_step_percent * steps), steps - 1)
-        return torch.randint(low, high + 1, (batch_size,)).to(prior.device)
-
-    # --- the VSD gradient ---------------------------------------------------------------------
-
-    def __call__(
-        self, prior, rgb, text_cond, text_uncond, c2w, step=None, max_steps=None, t=None, noise=None, text_plain=None
-    ) -> dict:
-        """rgb (B, H, W, 3) in [0, 1], text (B, L, D), c2w (B, 4, 4), text_plain (B, L, D) the prompt
-        without view words when view_guidance_scale is set ->
-        {"loss_vsd", "grad_norm", "t", "x0": the model-space render, detached, for `lora_loss`}."""
-        if rgb.ndim != 4 or rgb.shape[-1] != 3:
-            raise ValueError(f"VSD expects rgb in renderer layout (B, H, W, 3), got {tuple(rgb.shape)}")
-        x = prior.images_to_model_space(rgb.permute(0, 3, 1, 2))  # (B, C, h, w)
-        return self.from_model_space(
-            prior, x, text_cond, text_uncond, c2w, step=step, max_steps=max_steps, t=t, noise=noise,
-            text_plain=text_plain
-        )
-
-    def from_model_space(
-        self, prior, x, text_cond, text_uncond, c2w, step=None, max_steps=None, t=None, noise=None, text_plain=None
-    ) -> dict:
-        """The same loss for an x already in model space (B, C, h, w); gradients flow to x."""
-        lora = self._require_lora()
-        batch = x.shape[0]
-        x = x.float()  # the surrogate loss and its gradient in float32 even for a half-precision prior
-        if t is None:
-            t = self.sample_timesteps(prior, batch, self.max_step_at(step, max_steps))
-        t = torch.as_tensor(t, device=x.device).long().reshape(-1).expand(batch)
-        if noise is None:
-            noise = torch.randn(x.shape).to(x.device)  # CPU RNG: same draw on every device
-        c2w = c2w.to(x.device, torch.float32)
-        alpha = prior.alphas_cumprod[t].view(-1, 1, 1, 1)  # ᾱ_t (B, 1, 1, 1)
-
-        with torch.no_grad():  # both U-Net Jacobians are skipped, as in SDS
-            x_t = alpha.sqrt() * x + (1 - alpha).sqrt() * noise  # forward diffusion q(x_t | x)
-            # Pretrained score: classifier-free guidance in one U-Net call (cfg.py).
-            eps_pretrained = guided_noise(prior, x_t, t, text_cond, text_uncond, self.guidance_scale,
-                                          self.view_guidance_scale, text_plain)
-            eps_lora = self._lora_score(lora, x_t, t, text_cond, c2w)
-            # w(t) = 1 − ᾱ_t as in SDS (DreamFusion appendix A.4); "uniform" = 1.
-            weight = (1 - alpha) if self.weighting == "sds" else torch.ones_like(alpha)
-            raw = weight * (eps_pretrained - eps_lora)  # (B, C, h, w)
-            # A NaN/Inf here (fp16 overflow, a broken prior) makes the system skip the step; the
-            # gradient is still made finite, so the logged loss stays readable.
-            nonfinite = ~torch.isfinite(raw).all()
-            grad = torch.nan_to_num(raw)
-            if self.grad_clip is not None:
-                grad = grad.clamp(-self.grad_clip, self.grad_clip)
-
-        # Surrogate (same as SDS): d/dx 0.5·||x − sg(x − grad)||² / B = grad / B for each view.
-        target = (x - grad).detach()
-        loss = 0.5 * F.mse_loss(x, target, reduction="sum") / batch
-        return {"loss_vsd": loss, "grad_norm": grad.norm().detach(), "nonfinite": nonfinite, "t": t, "x0": x.detach()}
-
-    def _lora_score(self, lora, x_t, t, text_cond, c2w) -> torch.Tensor:
+    def baseline(self, x_t: Tensor, t: Tensor, noise: Tensor, text: Text, cams) -> Tensor:
         """ε̂_φ with classifier-free guidance over the *camera*: the LoRA is trained with the camera
         dropped (zeros), never the text, so its "unconditional" branch is the camera-free one.
         At lora_guidance_scale 1 that branch cancels and is not computed."""
+        lora, text_cond = self._require_lora(), text.cond
+        c2w = _c2w(cams).to(x_t.device)
         if self.lora_guidance_scale == 1.0:
             return lora.predict_noise(x_t, t, text_cond, c2w)
         eps = lora.predict_noise(

@@ -16,11 +16,12 @@ from text23d import accel
 from text23d.cameras.sampler import Cameras, get_rays
 from text23d.errors import ConfigError, Text23dError
 from text23d.geometry.mesh_ops import vertex_normals
+from text23d.renderers.base import Renderer
 from text23d.renderers.rasterize import barycentrics, interpolate, rasterize, silhouette_alpha
 from text23d.renderers.volume import SHADINGS, shade
 
 
-class MeshRenderer(nn.Module):
+class MeshRenderer(Renderer):
     needs = frozenset({"mesh", "albedo"})  # from the geometry (systems/parts.py)
     provides = frozenset({"rgb", "opacity", "depth", "normals", "mesh"})  # no per-sample weights
     # Loss terms that mean nothing here; with a non-zero weight they are left out, with a warning.

@@ -6,6 +6,7 @@ from torch import Tensor, nn
 
 from text23d.cameras.sampler import Cameras, get_rays
 from text23d.errors import ConfigError
+from text23d.renderers.base import Renderer
 
 SHADINGS = ("albedo", "lambertian", "textureless", "normal")
 
@@ -37,7 +38,7 @@ def shade(albedo: Tensor, normals: Tensor | None, points: Tensor, light: Tensor,
     return (base * lam).clamp(0.0, 1.0)
 
 
-class VolumeRenderer(nn.Module):
+class VolumeRenderer(Renderer):
     needs = frozenset({"density", "albedo"})  # from the geometry (systems/parts.py)
     provides = frozenset({"rgb", "opacity", "depth", "sample_weights", "normals"})
     normals_from_geometry = True

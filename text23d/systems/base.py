@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader, Dataset
 from text23d import faults
 from text23d.errors import ConfigError, Text23dError
 from text23d.export.video import make_grid, save_image, to_uint8
+from text23d.guidance.base import Text
 from text23d.systems import losses, parts
 from text23d.systems.stages import Particle, Stage, allocate_steps, render_size, stage_configs, start_from
 
@@ -54,15 +55,15 @@ class StepDataset(Dataset):
 class BaseSystem(L.LightningModule):
     """Builds every stage's parts, checks that they fit (systems/parts.py), and runs the training
     step of the stage the run is in: for each particle, render a batch of views, let the guidance
-    score them, add the regularisers. Subclasses say how their guidance is called (`guide`) and what
-    happens after all particles (`after_particles`: VSD trains its LoRA there).
+    score them, add the regularisers. Every guidance is called alike (guidance/base.py); subclasses
+    say what happens after all particles (`after_particles`: VSD trains its LoRA there).
 
     Optimisation is manual, one optimizer per stage: a stage's parameters exist from the start
     (so checkpoints of any stage restore into the same modules), and at a stage's first step its
     particles are initialised from the previous stage's (stages.start_from), once: which stages
     have started is a buffer in the checkpoint, so a resumed run never initialises twice."""
 
-    provides = frozenset({"rgb", "text"})  # what the training step hands the guidance
+    provides = frozenset({"rgb", "text", "text_plain"})  # what the training step hands the guidance
     needs = frozenset()  # what the system needs from the guidance
 
     def __init__(self, cfg: DictConfig):
@@ -231,11 +232,11 @@ class BaseSystem(L.LightningModule):
             total = total + loss
             prefix = "train/" if len(stage.particles) == 1 else f"train/p{i}_"
             logs.update({f"{prefix}loss_{name}": v.detach() for name, v in terms.items()})
-            logs[f"{prefix}grad_norm"] = view["guide"]["grad_norm"]
+            logs[f"{prefix}grad_norm"] = view["guide"].grad_norm
             views.append(view)
         total = total * scale
         # The guidance's own gradient (made finite before it reaches the loss) or the loss itself.
-        bad = bool(torch.stack([torch.as_tensor(v["guide"].get("nonfinite", False)) for v in views]).any()) \
+        bad = bool(torch.stack([v["guide"].nonfinite for v in views]).any()) \
             or not bool(torch.isfinite(total))
         if not self._any_rank(bad):  # the same on every DDP rank: VSD's LoRA step all-reduces its gradients
             logs.update(self.after_particles(views))  # VSD's LoRA: not trained on a skipped step
@@ -311,24 +312,15 @@ class BaseSystem(L.LightningModule):
                              need_normals=lam.get("orient", 0.0) > 0, jitter=True, occupancy=particle.occupancy)
         # The stage's own view thresholds (ProlificDreamer: 30° sectors, 45° in its geometry stage).
         cond, uncond = self.prompt_processor(cams.elevation, cams.azimuth, **c.prompt_processor)
-        guide = self.guide(stage, out["comp_rgb"], cond, uncond, cams, step)
-        [key] = [name for name in guide if name.startswith("loss_")]  # loss_sds, loss_vsd
-        name = key.removeprefix("loss_")
-        terms = {name: guide[key], **losses.regularisers(out, lam)}
+        plain = self.prompt_processor.plain(len(cond)) if "text_plain" in stage.guidance.needs else None
+        text = Text(cond, uncond, plain)
+        guide = stage.guidance(self.prior, out["comp_rgb"], text, cams, step=step, max_steps=stage.steps)
+        terms = {guide.name: guide.loss, **losses.regularisers(out, lam)}
         # The distillation term's weight: lambda_<name>, else lambda_sds (systems that inherit
         # DreamFusion's loss block), else 1; regularisers weigh 0 unless their lambda says otherwise.
-        weights = {**lam, name: lam.get(name, lam.get("sds", 1.0))}
+        weights = {**lam, guide.name: lam.get(guide.name, lam.get("sds", 1.0))}
         loss = sum(weights[n] * v for n, v in terms.items() if weights.get(n, 0.0) != 0.0)
-        return loss, terms, {"guide": guide, "cond": cond, "cams": cams}
-
-    def plain_text(self, stage: Stage, batch: int):
-        """The prompt without view words (B, L, D), when the stage's guidance scales its view words
-        on their own (guidance.view_guidance_scale, guidance/cfg.py); else None."""
-        return self.prompt_processor.plain(batch) if stage.guidance.view_guidance_scale is not None else None
-
-    def guide(self, stage: Stage, rgb, cond, uncond, cams, step: int) -> dict:
-        """The stage's guidance loss on the renders rgb (B, H, W, 3); subclasses pass what it needs."""
-        raise NotImplementedError
+        return loss, terms, {"guide": guide, "text": text, "cams": cams}
 
     def after_particles(self, views: list[dict]) -> dict:
         """Hook after every particle's loss, with what each rendered; returns extra values to log."""
@@ -383,7 +375,7 @@ class BaseSystem(L.LightningModule):
         """Render views one at a time (memory stays flat); returns numpy rgb/normal/opacity."""
         views, p = [], self.particles[particle]
         for i in range(len(cams)):
-            cam = type(cams)(*(getattr(cams, f)[i:i + 1].to(self.device) for f in cams.__dataclass_fields__))
+            cam = cams[i:i + 1].to(self.device)
             out = self.renderer(p.geometry, p.background, cam, resolution, resolution,
                                 shading=shading, need_normals=True)
             normal = (out["comp_normal"][0] * 0.5 + 0.5) * out["opacity"][0] + (1 - out["opacity"][0])

@@ -1,10 +1,11 @@
-"""DreamFusion (Poole et al. 2022): a NeRF optimised with Score Distillation Sampling."""
+"""DreamFusion (Poole et al. 2022): a NeRF optimised with Score Distillation Sampling.
+
+The training step is BaseSystem's: render, score with the stage's guidance (SDS by default,
+guidance/sds.py), add the regularisers."""
 from __future__ import annotations
 
 from text23d.systems.base import BaseSystem
 
 
 class DreamFusion(BaseSystem):
-    def guide(self, stage, rgb, cond, uncond, cams, step: int) -> dict:
-        return stage.guidance(self.prior, rgb, cond, uncond, step=step, max_steps=stage.steps,
-                              text_plain=self.plain_text(stage, len(cond)))
+    pass

@@ -83,7 +83,7 @@ def apply(system, loaded: dict | None) -> None:
         raise ConfigError(f"init_from={loaded['from']}: its weights do not fit stage {stage.cfg.name} "
                           f"({len(missing)} missing, e.g. {missing[:2]}; {len(unexpected)} unexpected, e.g. "
                           f"{unexpected[:2]})")
-    if hasattr(system, "carry_lora"):  # loaded once the system has built its LoRA (setup)
+    if "lora_training" in system.provides:  # loaded once the system has built its LoRA (setup)
         system.carry_lora(loaded["lora"], loaded["lora_optimizer"], loaded["from"])
     system.stage_started[: loaded["stage"] + 1] = True
     system.stage_log.append({"name": stage.cfg.name, "steps": 0, "from": loaded["from"]})

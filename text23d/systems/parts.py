@@ -51,7 +51,7 @@ def renderer_outputs(geometry, renderer) -> set:
     """What the renderer delivers with this geometry: a volume renderer's normals are the
     geometry's, a rasteriser computes its own from the mesh."""
     out = set(renderer.provides)
-    if getattr(renderer, "normals_from_geometry", False) and "normals" not in geometry.provides:
+    if renderer.normals_from_geometry and "normals" not in geometry.provides:
         out.discard("normals")
     return out
 
@@ -73,7 +73,7 @@ def check(system, geometry, renderer, guidance, loss_weights: dict, shading_need
     for term, weight in loss_weights.items():
         need = set(losses.NEEDS.get(term, ())) - rendered
         if need and not losses.always_zero(weight):
-            why = getattr(renderer, "ignores", {}).get(term)
+            why = renderer.ignores.get(term)
             if why:  # a term that means nothing for this renderer: said once, then left out
                 log.warning("system.loss.lambda_%s is not used with %s: %s", term, name("renderer", renderer), why)
                 continue
@@ -103,7 +103,7 @@ def check_start(stage: str, geometry, previous: str, previous_geometry) -> None:
                               f"{name('geometry', previous_geometry)} does not provide ({theirs.get(diff[0])}). Fix: "
                               f"the same geometry.resolution in both stages (system.stage.{stage}.geometry.resolution), "
                               f"or system.stage.{stage}.init=blob")
-    need = set(getattr(geometry, "needs_previous", ())) if not same else set()
+    need = set(geometry.needs_previous) if not same else set()
     missing = need - set(previous_geometry.provides)
     if missing or (not need and not same):
         wanted = " and ".join(WHAT.get(n, n) for n in sorted(missing)) or f"a {type(geometry).__name__} to copy"

@@ -16,7 +16,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from text23d.cameras.sampler import Cameras
 from text23d.errors import ConfigError
+from text23d.guidance.base import Text
 from text23d.systems.dreamfusion import DreamFusion
 
 log = logging.getLogger("text23d")
@@ -49,7 +51,7 @@ class ProlificDreamer(DreamFusion):
         return frozenset() if (own.get("guidance") or {}).get("_target_") else self.needs
 
     def vsd_stages(self) -> list:
-        return [st for st in self.stages if hasattr(st.guidance, "lora_loss")]
+        return [st for st in self.stages if st.guidance.learns_from_renders]
 
     def setup_guidance(self) -> None:
         first, *others = self.vsd_stages()
@@ -118,25 +120,19 @@ class ProlificDreamer(DreamFusion):
             self.lora_optimizer = stage.guidance.lora_optimizer()
             log.info("stage %s: the LoRA starts again from its initial weights (lora=reset)", stage.cfg.name)
 
-    def guide(self, stage, rgb, cond, uncond, cams, step: int) -> dict:
-        if not hasattr(stage.guidance, "lora_loss"):  # an SDS stage (geometry): DreamFusion's call
-            return super().guide(stage, rgb, cond, uncond, cams, step)
-        return stage.guidance(self.prior, rgb, cond, uncond, cams.c2w.reshape(len(cams), 16), step=step,
-                              max_steps=stage.steps, text_plain=self.plain_text(stage, len(cond)))
-
     def after_particles(self, views: list[dict]) -> dict:
         """Fit the LoRA to the particles' current (detached) renders: the score of their distribution.
         Only in VSD stages (an SDS stage's renders are normal maps, not what the LoRA models)."""
         guidance = self.stages[self.stage_at(self.global_step)].guidance
-        if not hasattr(guidance, "lora_loss"):
+        if not guidance.learns_from_renders:
             return {}
-        x0 = torch.cat([v["guide"]["x0"] for v in views])
-        cond = torch.cat([v["cond"] for v in views])
-        c2w = torch.cat([v["cams"].c2w.reshape(len(v["cams"]), 16) for v in views])
+        x0 = torch.cat([v["guide"].x0 for v in views])
+        text = Text(torch.cat([v["text"].cond for v in views]), torch.cat([v["text"].uncond for v in views]))
+        cams = Cameras.cat([v["cams"] for v in views])
         scaler = self.lora_scaler
         for _ in range(guidance.lora_steps):
             with torch.enable_grad():
-                loss = guidance.lora_loss(x0, cond, c2w)
+                loss = guidance.learn(x0, text, cams)
             self.lora_optimizer.zero_grad(set_to_none=True)
             (loss if scaler is None else scaler.scale(loss)).backward()
             self._average_lora_grads()  # before the check below: every rank then decides alike

@@ -153,9 +153,8 @@ def build_geometry(stage: DictConfig, previous: "Stage | None") -> nn.Module:
     previous stage's (that geometry itself, or its colour field if it is a mesh too); the weights
     are copied over when the stage starts."""
     geometry = instantiate(stage.geometry)
-    if getattr(geometry, "color", "absent") is None and previous is not None and stage.init == "previous":
-        before = previous.particles[0].geometry
-        geometry.color = copy.deepcopy(before.color if getattr(before, "color", None) is not None else before)
+    if geometry.needs_colour_field and previous is not None and stage.init == "previous":
+        geometry.color = copy.deepcopy(previous.particles[0].geometry.colour_field())
     return geometry
 
 
@@ -167,9 +166,8 @@ class Stage(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.renderer = instantiate(cfg.renderer)
-        make_occupancy = getattr(self.renderer, "make_occupancy", lambda: None)
         self.particles = nn.ModuleList(
-            Particle(build_geometry(cfg, previous), instantiate(cfg.background), make_occupancy())
+            Particle(build_geometry(cfg, previous), instantiate(cfg.background), self.renderer.make_occupancy())
             for _ in range(n_particles))
         self.freeze(list(cfg.get("freeze") or []))
         object.__setattr__(self, "guidance", instantiate(cfg.guidance))
@@ -231,7 +229,7 @@ def start_from(stage: Stage, previous: Stage, cams, radius: float) -> dict:
     for i, (new, old) in enumerate(zip(stage.particles, previous.particles)):
         if type(new.geometry) is type(old.geometry):  # the same kind (a mesh after a mesh): a copy
             new.geometry.load_state_dict(copy.deepcopy(old.geometry.state_dict()))
-        elif hasattr(new.geometry, "init_from_density"):
+        elif "density" in new.geometry.needs_previous:
             threshold, iou = auto_threshold(old.geometry, cams, radius)
             info[f"particle{i}"] = {"threshold": threshold, "silhouette_iou": iou,
                                     **new.geometry.init_from_density(old.geometry.density, threshold,
