@@ -9,7 +9,7 @@ import lightning as L
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
-from text23d import faults
+from text23d import fileio
 from text23d.errors import CheckpointError
 
 
@@ -33,7 +33,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             os.replace(tmp, path)
         except OSError as e:
             tmp.unlink(missing_ok=True)
-            full = faults.disk_full(path, e, buffer.getbuffer().nbytes)
+            full = fileio.disk_full(path, e, buffer.getbuffer().nbytes)
             if full is None:
                 raise
             raise full from None

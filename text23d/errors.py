@@ -15,3 +15,13 @@ class PriorLoadError(Text23dError):
 
 class CheckpointError(Text23dError):
     """A checkpoint to resume or export from is missing or unreadable."""
+
+
+class RunStopped(Text23dError):
+    """The run stopped with its state saved; `exit_code` is what the command returns."""
+    exit_code = 1
+
+
+class DiskFull(RunStopped):
+    """A write failed for lack of space; the previous file is intact (fileio.disk_full)."""
+    exit_code = 5

@@ -7,22 +7,16 @@ and the run ends with 128 + the signal number; a NaN/Inf loss or gradient is nev
 out-of-memory error saves the last complete state and says what to lower."""
 from __future__ import annotations
 
-import errno
 import logging
 import math
 import os
 import signal
 import threading
 
-from text23d.errors import Text23dError
+from text23d.errors import DiskFull, RunStopped  # noqa: F401  (raised and caught as faults.*)
 
 log = logging.getLogger("text23d")
 SIGNALS = tuple(s for s in (getattr(signal, n, None) for n in ("SIGTERM", "SIGINT", "SIGUSR1", "SIGUSR2")) if s)
-
-
-class RunStopped(Text23dError):
-    """The run stopped with its state saved; `exit_code` is what the command returns."""
-    exit_code = 1
 
 
 class Interrupted(RunStopped):
@@ -31,40 +25,12 @@ class Interrupted(RunStopped):
         self.signum, self.exit_code = signum, 128 + signum
 
 
-class DiskFull(RunStopped):
-    exit_code = 5
-
-
 class NonFiniteError(RunStopped):
     exit_code = 3
 
 
 class OutOfMemory(RunStopped):
     exit_code = 4
-
-
-DISK_ERRNOS = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT}
-
-
-def disk_full(path, error: BaseException, needed: int | None) -> DiskFull | None:
-    """A DiskFull error for a write to `path` that failed for lack of space (ENOSPC, a quota, a
-    file-size limit), saying how much it needs and how much is free; None for other errors."""
-    import shutil
-
-    code = getattr(error, "errno", None)
-    text = str(error)
-    words = ("PytorchStreamWriter failed writing", "No space left", "File too large", "Disk quota exceeded")
-    if code not in DISK_ERRNOS and not any(w in text for w in words):
-        return None
-    if code not in DISK_ERRNOS:  # a wrapped error (torch, ffmpeg): the errno it stands for
-        code = errno.EFBIG if "File too large" in text else errno.EDQUOT if "quota" in text else errno.ENOSPC
-    folder = os.path.dirname(os.path.abspath(path))
-    free = shutil.disk_usage(folder).free if os.path.isdir(folder) else 0
-    need = f"about {_size(needed)}" if needed else "more space"
-    return DiskFull(f"cannot write {path}: {os.strerror(code) if code else 'the disk is full'} (it needs {need}; "
-                    f"{_size(free)} free in {folder}). Nothing already written was lost: the previous "
-                    "file is intact and no temporary file is left. Fix: free space there (or move the run with "
-                    "output_root=<a roomier disk>), then resume with text23d resume=<the run folder>")
 
 
 JOB_FILE = ".submitit-job"  # in a run folder: the submitit job that runs there
@@ -97,10 +63,6 @@ def mark_job(folder) -> None:
         from text23d.fileio import write_text_atomic
 
         write_text_atomic(os.path.join(str(folder), JOB_FILE), job)
-
-
-def _size(n: int) -> str:
-    return f"{n / 2**20:.1f} MiB" if n >= 2**20 else f"{n / 2**10:.1f} KiB" if n >= 2**10 else f"{n} bytes"
 
 
 def inject(faults, step: int, rank: int) -> float:

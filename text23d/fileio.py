@@ -3,10 +3,13 @@ and a crash mid-write leaves the previous file in place."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+
+from text23d.errors import ConfigError, DiskFull
 
 
 @contextlib.contextmanager
@@ -19,8 +22,6 @@ def atomic_output(path) -> Iterator[str]:
         yield tmp
         os.replace(tmp, path)
     except Exception as e:  # noqa: BLE001 (writers wrap OSError: torch, imageio's ffmpeg)
-        from text23d.faults import disk_full
-
         written = os.path.getsize(tmp) if os.path.exists(tmp) else 0
         full = disk_full(path, e, written or None)
         if full is None:
@@ -41,8 +42,6 @@ def write_text_atomic(path, text: str) -> str:
 def check_writable(folder, key: str) -> None:
     """Fail now, before any model is loaded, when `folder` cannot be made or written to (a path
     through a file, a read-only or pseudo file system, no permission, no space)."""
-    from text23d.errors import ConfigError
-
     try:
         os.makedirs(folder, exist_ok=True)
         probe = os.path.join(folder, f".write-test-{os.getpid()}-{uuid.uuid4().hex[:8]}")
@@ -52,3 +51,31 @@ def check_writable(folder, key: str) -> None:
     except OSError as e:
         raise ConfigError(f"{key}={folder} cannot be written ({e.strerror or e}). Fix: pass a folder you can "
                           "write to, e.g. output_root=$HOME/text23d-outputs") from None
+
+
+DISK_ERRNOS = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT}
+
+
+def disk_full(path, error: BaseException, needed: int | None) -> DiskFull | None:
+    """A DiskFull error for a write to `path` that failed for lack of space (ENOSPC, a quota, a
+    file-size limit), saying how much it needs and how much is free; None for other errors."""
+    import shutil
+
+    code = getattr(error, "errno", None)
+    text = str(error)
+    words = ("PytorchStreamWriter failed writing", "No space left", "File too large", "Disk quota exceeded")
+    if code not in DISK_ERRNOS and not any(w in text for w in words):
+        return None
+    if code not in DISK_ERRNOS:  # a wrapped error (torch, ffmpeg): the errno it stands for
+        code = errno.EFBIG if "File too large" in text else errno.EDQUOT if "quota" in text else errno.ENOSPC
+    folder = os.path.dirname(os.path.abspath(path))
+    free = shutil.disk_usage(folder).free if os.path.isdir(folder) else 0
+    need = f"about {_size(needed)}" if needed else "more space"
+    return DiskFull(f"cannot write {path}: {os.strerror(code) if code else 'the disk is full'} (it needs {need}; "
+                    f"{_size(free)} free in {folder}). Nothing already written was lost: the previous "
+                    "file is intact and no temporary file is left. Fix: free space there (or move the run with "
+                    "output_root=<a roomier disk>), then resume with text23d resume=<the run folder>")
+
+
+def _size(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB" if n >= 2**20 else f"{n / 2**10:.1f} KiB" if n >= 2**10 else f"{n} bytes"

@@ -19,7 +19,7 @@ from urllib.parse import quote
 from PIL import Image
 
 from text23d.fileio import write_text_atomic
-from text23d.sweep import _fmt, _split, read_job
+from text23d.jobs import fmt, read_job, split_override
 
 log = logging.getLogger(__name__)
 PAGE = "index.html"
@@ -81,7 +81,7 @@ def _links(named: dict, page_dir: str) -> str:
 
 def _settings(overrides: list[str]) -> str:
     """Overrides as typed, with a quoted value (a prompt) shown as its text."""
-    return " ".join("<code>{}={}</code>".format(*map(_e, _split(o))) for o in overrides)
+    return " ".join("<code>{}={}</code>".format(*map(_e, split_override(o))) for o in overrides)
 
 
 def _duration(seconds) -> str:
@@ -135,7 +135,7 @@ def _video(path, page_dir: str) -> str:
 
 def _card(n: int, job: dict, keys: list[str], job_dir: str, page_dir: str, single: bool) -> str:
     ok = job["status"] == "ok"
-    values = dict(map(_split, job["overrides"]))
+    values = dict(map(split_override, job["overrides"]))
     files = _files(job, job_dir)
     page = os.path.join(job_dir, PAGE)
     if os.path.abspath(page) != os.path.abspath(os.path.join(page_dir, PAGE)):
@@ -150,11 +150,11 @@ def _card(n: int, job: dict, keys: list[str], job_dir: str, page_dir: str, singl
     if ok:
         parts += [_image(job["artifacts"].get("grid"), page_dir, "final views"),
                   _video(job["artifacts"].get("video"), page_dir),
-                  f'<div>steps {_fmt(job["steps"])} · loss {_fmt(job["final_loss"])} · '
+                  f'<div>steps {fmt(job["steps"])} · loss {fmt(job["final_loss"])} · '
                   f'{_duration(job["wall_time_s"])}</div>']
         metrics = job.get("metrics") or {}
         if metrics:
-            rows = "".join(f"<tr><td>{_e(k)}</td><td>{_e(_fmt(v))}</td></tr>" for k, v in metrics.items())
+            rows = "".join(f"<tr><td>{_e(k)}</td><td>{_e(fmt(v))}</td></tr>" for k, v in metrics.items())
             parts.append(f"<details{' open' if single else ''}><summary>metrics ({len(metrics)})</summary>"
                          f"<table>{rows}</table></details>")
     else:
@@ -170,12 +170,12 @@ def _table(jobs: list[dict], keys: list[str], dirs: list[str], page_dir: str) ->
     head = ["job", *keys, "status", "steps", "final loss", "wall time", *names, "files"]
     rows = ["<tr>" + "".join(f"<th>{_e(h)}</th>" for h in head) + "</tr>"]
     for n, (job, job_dir) in enumerate(zip(jobs, dirs)):
-        values, metrics = dict(map(_split, job["overrides"])), job.get("metrics") or {}
+        values, metrics = dict(map(split_override, job["overrides"])), job.get("metrics") or {}
         files = {k: v for k, v in _files(job, job_dir).items() if k in ("mp4", "glb", "obj", "log")}
         cells = [f'<a href="#job-{n}">{_e(job["folder"])}</a>', *(_e(values.get(k, "—")) for k in keys),
-                 "ok" if job["status"] == "ok" else "<b>FAILED</b>", _e(_fmt(job["steps"])),
-                 _e(_fmt(job["final_loss"])), _e(_duration(job["wall_time_s"])),
-                 *(_e(_fmt(metrics.get(k))) for k in names), _links(files, page_dir)]
+                 "ok" if job["status"] == "ok" else "<b>FAILED</b>", _e(fmt(job["steps"])),
+                 _e(fmt(job["final_loss"])), _e(_duration(job["wall_time_s"])),
+                 *(_e(fmt(metrics.get(k))) for k in names), _links(files, page_dir)]
         css = "" if job["status"] == "ok" else ' class="failed"'
         rows.append(f"<tr{css}>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
     return '<div class="wide"><table>\n' + "\n".join(rows) + "\n</table></div>"
@@ -183,7 +183,7 @@ def _table(jobs: list[dict], keys: list[str], dirs: list[str], page_dir: str) ->
 
 def render_page(title: str, intro: str, jobs: list[dict], keys: list[str], dirs: list[str],
                 page_dir: str, single: bool = False) -> str:
-    """The whole page: `intro` is ready HTML; jobs come from text23d.sweep.read_job, each with
+    """The whole page: `intro` is ready HTML; jobs come from text23d.jobs.read_job, each with
     its folder in `dirs`; `keys` are the settings to show per job."""
     cards = "\n".join(_card(n, j, keys, d, page_dir, single) for n, (j, d) in enumerate(zip(jobs, dirs)))
     return (f'<!doctype html>\n<html lang="en"><head><meta charset="utf-8">\n'
@@ -197,7 +197,7 @@ def render_page(title: str, intro: str, jobs: list[dict], keys: list[str], dirs:
 def write_sweep_page(sweep_dir: str, jobs: list[dict], keys: list[str]) -> str:
     """<sweep_dir>/index.html: every job's card (failed ones marked FAILED) and one table."""
     failed = sum(j["status"] != "ok" for j in jobs)
-    common = [o for o in (jobs[0]["overrides"] if jobs else []) if _split(o)[0] not in keys]
+    common = [o for o in (jobs[0]["overrides"] if jobs else []) if split_override(o)[0] not in keys]
     files = {n: os.path.join(sweep_dir, n) for n in ("sweep_summary.md", "sweep_summary.json", "sweep_grid.png")}
     intro = (f"<p>{len(jobs)} jobs, {failed} failed. {_links(files, sweep_dir)}</p>"
              + (f"<p>Same in every job: {_settings(common)}</p>" if common else ""))

@@ -18,13 +18,10 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
-import re
 import sys
 
 import numpy as np
-import yaml
 from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
@@ -32,108 +29,24 @@ from PIL import Image
 
 from text23d.export.video import make_grid, save_image
 from text23d.fileio import atomic_output
+from text23d.gallery import write_sweep_page
+from text23d.jobs import SUMMARY_NAME, find_job_dirs, fmt, read_job, split_override
 
 log = logging.getLogger(__name__)
 
-SUMMARY_NAME = "summary.json"
 GRID_COLS = 4  # more jobs wrap into rows, so the image stays viewable
 MAX_TILE_W = 1024  # a job's grid of views can be wide; cap each tile so the sweep image is not huge
 
 
-def _natural_key(path: str) -> list:
-    """Sort "2" before "10" (Hydra names job folders by job number)."""
-    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", path)]
-
-
-def find_job_dirs(sweep_dir: str) -> list[str]:
-    """Folders under sweep_dir holding summary.json or .hydra/ (nested subdirs allowed)."""
-    jobs = []
-    for root, dirs, files in os.walk(sweep_dir):
-        if root != sweep_dir and (SUMMARY_NAME in files or ".hydra" in dirs):
-            jobs.append(root)
-            dirs.clear()  # a job's own subfolders (checkpoints, videos) are not jobs
-        else:
-            dirs[:] = [d for d in dirs if not d.startswith(".")]
-    return sorted(jobs, key=lambda p: _natural_key(os.path.relpath(p, sweep_dir)))
-
-
-def _read_overrides(job_dir: str) -> list[str]:
-    path = os.path.join(job_dir, ".hydra", "overrides.yaml")
-    if not os.path.exists(path):
-        return []
-    with open(path) as f:
-        return [str(o) for o in (yaml.safe_load(f) or [])]
-
-
-def _rebase(path, output_dir: str | None, job_dir: str):
-    """Point an absolute artifact path into job_dir when the sweep folder was moved or copied."""
-    if isinstance(path, list):
-        return [_rebase(p, output_dir, job_dir) for p in path]
-    if not isinstance(path, str) or not path or os.path.exists(path) or not output_dir:
-        return path
-    rel = os.path.relpath(path, output_dir)
-    moved = os.path.join(job_dir, rel)
-    return moved if not rel.startswith("..") and os.path.exists(moved) else path
-
-
-def read_job(job_dir: str, sweep_dir: str) -> dict:
-    """One sweep_summary.json entry; status "ok" or "failed" (with the reason in "error")."""
-    job = {
-        "folder": os.path.relpath(job_dir, sweep_dir),
-        "status": "failed",
-        "overrides": _read_overrides(job_dir),
-        "steps": None,
-        "final_loss": None,
-        "wall_time_s": None,
-        "artifacts": {},
-    }
-    path = os.path.join(job_dir, SUMMARY_NAME)
-    try:
-        with open(path) as f:
-            summary = json.load(f)
-    except FileNotFoundError:
-        job["error"] = f"no {SUMMARY_NAME}: the job crashed or is still running"
-        logs = sorted(f for f in os.listdir(job_dir) if f.endswith(".log"))  # Hydra's job log
-        if logs:
-            job["log"] = os.path.join(job["folder"], logs[0])
-        return job
-    except (OSError, ValueError) as e:
-        job["error"] = f"unreadable {SUMMARY_NAME}: {e}"
-        return job
-    if not isinstance(summary, dict):
-        job["error"] = f"{SUMMARY_NAME} holds a {type(summary).__name__}, expected an object"
-        return job
-    for key in ("prompt", "system", "steps", "final_loss", "wall_time_s", "metrics"):
-        job[key] = summary.get(key)
-    out, artifacts = summary.get("output_dir"), summary.get("artifacts") or {}
-    job["artifacts"] = {k: _rebase(v, out, job_dir) for k, v in artifacts.items()}
-    job["status"] = "ok"
-    return job
-
-
-def _split(override: str) -> tuple[str, str]:
-    """(key, value as typed): a quoted value, as the CLI writes prompts, is shown as its text."""
-    key, _, value = override.partition("=")
-    if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
-        try:
-            from hydra.core.override_parser.overrides_parser import OverridesParser
-
-            text = str(OverridesParser.create().parse_override(f"x={value}").value())
-            value = OmegaConf.create({"x": text}).x  # and the prompt's escaped ${ back to ${
-        except Exception:  # not ours to judge: show it as written
-            pass
-    return key, value
-
-
 def differing_keys(jobs: list[dict]) -> list[str]:
     """Override keys whose value differs between jobs (the swept ones), in first-seen order."""
-    per_job = [dict(map(_split, j["overrides"])) for j in jobs]
+    per_job = [dict(map(split_override, j["overrides"])) for j in jobs]
     keys = dict.fromkeys(k for d in per_job for k in d)
     return [k for k in keys if len({d.get(k) for d in per_job}) > 1]
 
 
 def _label(job: dict, keys: list[str]) -> str:
-    values = dict(map(_split, job["overrides"]))
+    values = dict(map(split_override, job["overrides"]))
     swept = " ".join(f"{k}={values[k]}" for k in keys if k in values)
     # FAILED goes first so that wrapping a long label onto a small tile never cuts it off
     return ("FAILED " if job["status"] != "ok" else "") + f"{job['folder']}: {swept}"
@@ -142,14 +55,6 @@ def _label(job: dict, keys: list[str]) -> str:
 def _cell(x) -> str:
     """A Markdown table cell: "|" would end the cell, a newline the row."""
     return str(x).replace("|", "\\|").replace("\n", " ")
-
-
-def _fmt(x) -> str:
-    if x is None:
-        return "—"
-    if isinstance(x, float):
-        return f"{x:.4g}" if math.isfinite(x) else str(x)
-    return str(x)
 
 
 def _link(name: str, path: str | None, sweep_dir: str) -> str:
@@ -161,18 +66,18 @@ def write_markdown(jobs: list[dict], keys: list[str], sweep_dir: str) -> str:
     sweep_dir, so the file renders the same wherever the folder is copied."""
     failed = sum(j["status"] != "ok" for j in jobs)
     lines = ["# Sweep summary", "", f"`{sweep_dir}`: {len(jobs)} jobs, {failed} failed.", ""]
-    common = [o for o in (jobs[0]["overrides"] if jobs else []) if _split(o)[0] not in keys]
+    common = [o for o in (jobs[0]["overrides"] if jobs else []) if split_override(o)[0] not in keys]
     if common:
         lines += ["Same in every job: " + ", ".join(f"`{o}`" for o in common), ""]
     header = ["job", *keys, "status", "steps", "final loss", "wall time (s)", "video", "mesh"]
     lines += ["| " + " | ".join(map(_cell, header)) + " |", "|" + "---|" * len(header)]
     for j in jobs:
-        values, a = dict(map(_split, j["overrides"])), j["artifacts"]
+        values, a = dict(map(split_override, j["overrides"])), j["artifacts"]
         mesh = [f"[{f}]({os.path.relpath(a[f'mesh_{f}'], sweep_dir)})"
                 for f in ("glb", "obj") if a.get(f"mesh_{f}")]
         status = j["status"] + (f" ([log]({j['log']}))" if j.get("log") else "")
-        cells = [j["folder"], *(values.get(k, "—") for k in keys), status, _fmt(j["steps"]),
-                 _fmt(j["final_loss"]), _fmt(j["wall_time_s"]),
+        cells = [j["folder"], *(values.get(k, "—") for k in keys), status, fmt(j["steps"]),
+                 fmt(j["final_loss"]), fmt(j["wall_time_s"]),
                  _link("mp4", a.get("video"), sweep_dir), " ".join(mesh) or "—"]
         lines.append("| " + " | ".join(map(_cell, cells)) + " |")
     return "\n".join(lines) + "\n"
@@ -236,7 +141,6 @@ def summarize_sweep(sweep_dir: str) -> dict:
         result[kind] = path
     if jobs:
         result["grid"] = write_grid(jobs, keys, os.path.join(sweep_dir, "sweep_grid.png"))
-    from text23d.gallery import write_sweep_page  # imported here: gallery imports this module
 
     result["html"] = write_sweep_page(sweep_dir, jobs, keys)
     result["jobs"] = jobs

@@ -159,7 +159,7 @@ def _sdf_pyramid(x: Tensor, y: Tensor, z: Tensor) -> Tensor:
     return torch.maximum(side, -z - 0.7)
 
 
-_SDFS = {
+SDFS = {
     "sphere": _sdf_sphere,
     "cube": _sdf_cube,
     "cylinder": _sdf_cylinder,
@@ -309,7 +309,7 @@ def _shade_shape(shape_index: int, ids: Tensor, origins: Tensor, dirs: Tensor, l
     origins, dirs (N, S, S, 3) and light (N, 3) are in the unit object frame; rgb (N, S·S, 3), mask (N, S·S).
     """
     sel = (ids == shape_index).nonzero().squeeze(1).to(origins.device)  # images with this shape
-    sdf = _SDFS[SHAPES[shape_index]]
+    sdf = SDFS[SHAPES[shape_index]]
     o, d = origins[sel].reshape(-1, 3), dirs[sel].reshape(-1, 3)  # (k·S·S, 3)
     hit, points = _sphere_trace(sdf, o, d, iterations, hit_eps)
     hit, points = hit.reshape(len(sel), -1), points.reshape(len(sel), -1, 3)

@@ -138,14 +138,14 @@ def primitive_mesh(shape: str, scale: float, rotation: float = 0.0, resolution: 
     import mcubes
     import trimesh
 
-    from text23d.builtin.data import _SDFS
+    from text23d.builtin.data import SDFS
 
     g = np.linspace(-1.0, 1.0, resolution)
     x, y, z = np.meshgrid(g, g, g, indexing="ij")
     a = np.deg2rad(-rotation)  # into the object frame, as the data renderer does
     ox, oy = np.cos(a) * x - np.sin(a) * y, np.sin(a) * x + np.cos(a) * y
     coords = (torch.from_numpy(np.ascontiguousarray(c / scale, dtype=np.float32)).ravel() for c in (ox, oy, z))
-    sdf = _SDFS[shape](*coords).numpy().reshape(x.shape)
+    sdf = SDFS[shape](*coords).numpy().reshape(x.shape)
     verts, faces = mcubes.marching_cubes(-sdf, 0.0)
     return trimesh.Trimesh(verts / (resolution - 1) * 2.0 - 1.0, faces, process=False)
 

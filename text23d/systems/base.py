@@ -23,7 +23,7 @@ from text23d.errors import ConfigError, Text23dError
 from text23d.export.video import make_grid, save_image, to_uint8
 from text23d.guidance.base import Text
 from text23d.systems import losses, parts
-from text23d.systems.stages import Particle, Stage, allocate_steps, render_size, stage_configs, start_from
+from text23d.systems.stages import Stage, allocate_steps, render_size, stage_configs, start_from
 
 log = logging.getLogger("text23d")
 
