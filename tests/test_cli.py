@@ -56,6 +56,9 @@ def test_shell_completion_completes_groups(tmp_path):
     (["prompt_file=/nonexistent/prompts.txt"], "prompt_file='/nonexistent/prompts.txt' does not exist"),
     (["prompt=x", "prompt_file=/dev/null"], "prompt= and prompt_file= were both given"),
     (["-m", "prompt=a cat,'a dog"], "a quote (') is not closed"),
+    (["-m", "prompt=x", "--cfg", "hydra"], "-m with --cfg: a sweep cannot also print its config or info. Fix: drop -m"),
+    (["-m", "prompt=x,y", "--cfg=job"], "-m with --cfg: a sweep cannot also print"),
+    (["--multirun", "prompt=x", "--info"], "-m with --info"),
 ])
 def test_bad_input_gives_a_clear_error_not_a_traceback(tmp_path, args, expect):
     code, out = cli(*args, f"output_root={tmp_path}", cwd=tmp_path)
@@ -89,6 +92,9 @@ def test_hostile_prompt_runs_into_a_safe_folder_inside_outputs(tiny_latent_model
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["prompt"] == prompt
     assert not (tmp_path / "etc").exists()
+    # Lightning's lines print once, in Hydra's format, and reach the run's log file too.
+    assert sum("GPU available" in line for line in out.splitlines()) == 1, out
+    assert "GPU available" in (run_dir / "text23d.log").read_text()
 
 
 def _sweep(tiny_latent_model, tmp_path, *launcher):

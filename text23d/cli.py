@@ -221,6 +221,7 @@ def main() -> None:
               "its commas, or use prompt_file=)", file=sys.stderr)
     sys.argv = [sys.argv[0], *rewritten]
     try:
+        check_one_mode(sys.argv[1:])
         check_output_folders(sys.argv[1:])
         check_not_reused(sys.argv[1:])
     except Text23dError as e:
@@ -243,6 +244,14 @@ def main() -> None:
             raise
         print(f"text23d: error: {describe_hydra_error(e, sys.argv[1:])}", file=sys.stderr)
         raise SystemExit(2) from None
+
+
+def check_one_mode(argv: list[str]) -> None:
+    """Hydra runs one mode at a time: a sweep (-m) cannot also print its config or info."""
+    printing = [a.split("=")[0] for a in argv if a.split("=")[0] in ("--cfg", "-c", "--info", "-i", "--shell-completion", "-sc")]
+    if _is_multirun(argv) and printing:
+        raise ConfigError(f"-m with {printing[0]}: a sweep cannot also print its config or info. Fix: drop -m and "
+                          f"give one value per key to print one job's, or drop {printing[0]} to run the sweep")
 
 
 def check_output_folders(argv: list[str]) -> None:

@@ -117,8 +117,23 @@ def build_system(cfg: DictConfig):
                           "Check the keys you overrode (text23d --cfg job shows the config).") from None
 
 
+def lightning_logs_once() -> None:
+    """Lightning gives its loggers console handlers of their own when it is imported before logging
+    is set up (text23d imports it before Hydra sets up the console and text23d.log), so each INFO
+    line printed twice. Where the root logger has handlers, Lightning's go and its records
+    propagate: they print once, in the run's format, and reach the log file."""
+    if logging.getLogger().handlers:
+        for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
+            logger = logging.getLogger(name)
+            for handler in list(logger.handlers):
+                logger.removeHandler(handler)
+            logger.propagate = True
+
+
 def build_trainer(cfg: DictConfig, out_dir: Path, callbacks: list, start_step: int, total_steps: int) -> L.Trainer:
     from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+
+    lightning_logs_once()
 
     from text23d.progress import StepProgressBar
 
