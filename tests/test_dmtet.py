@@ -279,3 +279,15 @@ def test_a_density_above_the_level_everywhere_leaves_no_surface():
         DMTet(resolution=4).init_from_density(lambda p: torch.full((len(p),), 10.0), threshold=1.0)
     with pytest.raises(Text23dError, match="^this stage: the earlier stage's density never exceeds"):
         DMTet(resolution=4).init_from_density(lambda p: torch.zeros(len(p)), threshold=1.0)
+
+
+def test_a_mesh_without_a_colour_field_asks_for_one_and_grids_never_do():
+    """What a stage reads to give a mesh geometry the previous stage's colours: DMTet without a
+    colour field needs one and colours itself with nothing of its own; with one, that field colours
+    it. An implicit field has its own colours and starts from a copy of its own kind."""
+    bare, field = DMTet(resolution=2), DenseGrid(resolution=2)
+    coloured = DMTet(resolution=2, color=field)
+    assert bare.needs_colour_field and not coloured.needs_colour_field
+    assert bare.colour_field() is bare and coloured.colour_field() is field
+    assert not field.needs_colour_field and field.colour_field() is field
+    assert DMTet.needs_previous == {"density"} and DenseGrid.needs_previous == frozenset()

@@ -320,3 +320,26 @@ def test_cfg_of_four_views_against_separate_calls(pixel_prior):
     assert_grad_close(plain_cfg, expected, NET_RTOL * cfg_amplification(7.5) * eps_scale, wrong=e_c)
     tol = NET_RTOL * (6.5 + 22.5 + 30.0) * eps_scale
     assert_grad_close(view_cfg, e_u + 7.5 * (e_y - e_u) + 30.0 * (e_c - e_y), tol, wrong=expected)
+
+
+def test_what_a_guidance_declares():
+    """The system reads these, never the class: the loss term's name (lambda_<name>, train/loss_<name>),
+    whether it learns from the renders (VSD's LoRA), and the prompt without view words only when the
+    view words have a scale of their own. A refused CFG names the method's usual value."""
+    from text23d.guidance.vsd import VSDGuidance
+
+    assert (SDSGuidance.name, VSDGuidance.name) == ("sds", "vsd")
+    assert VSDGuidance.learns_from_renders and not SDSGuidance.learns_from_renders
+    for kind in (SDSGuidance, VSDGuidance):
+        assert "text_plain" not in kind().needs and "text_plain" in kind(view_guidance_scale=30.0).needs
+        assert {"rgb", "text"} <= kind(view_guidance_scale=30.0).needs
+    assert VSDGuidance(view_guidance_scale=30.0).needs >= {"camera_pose", "lora_training"}
+    for kind, usual in ((SDSGuidance, "100"), (VSDGuidance, "7.5")):
+        with pytest.raises(ConfigError, match=rf"Fix: guidance.guidance_scale={usual}$"):
+            kind(guidance_scale=-1.0)
+
+
+def test_the_output_names_its_term(pixel_prior):
+    cond, uncond = _text(pixel_prior, 1)
+    out = SDSGuidance()(pixel_prior, torch.rand(1, 16, 16, 3), Text(cond, uncond))
+    assert out.name == "sds" and out.x0.shape == (1, 3, 16, 16) and not out.x0.requires_grad
