@@ -312,6 +312,7 @@ def test_the_render_estimate_matches_the_measured_peak_of_a_step(tmp_path):
                        text=True, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"})
     assert p.returncode == 0, p.stderr[-3000:]
     r = json.loads(p.stdout.strip().splitlines()[-1])
-    # Within a quarter below (an estimate under the peak lets a run die of out-of-memory); a little
-    # more room above: the resident-set peak of the same step varies by ±10 % from run to run.
-    assert r["measured"] > 100 * 2**20 and 0.75 < r["estimate"] / r["measured"] < 1.35, r
+    # At most a fifth below (an estimate under the peak lets a run die of out-of-memory); more room
+    # above: the resident-set peak of the same step varies by ±10 % from run to run. The estimate
+    # read 1.05x the peak here; without the backward's gradients (x1.6) it reads 0.66-0.68x.
+    assert r["measured"] > 100 * 2**20 and 0.8 < r["estimate"] / r["measured"] < 1.35, r
