@@ -291,3 +291,21 @@ def test_a_mesh_without_a_colour_field_asks_for_one_and_grids_never_do():
     assert bare.colour_field() is bare and coloured.colour_field() is field
     assert not field.needs_colour_field and field.colour_field() is field
     assert DMTet.needs_previous == {"density"} and DenseGrid.needs_previous == frozenset()
+
+
+def test_a_quad_is_split_along_the_diagonal_from_its_lowest_crossing_edge():
+    """Where two vertices are inside, four edges cross and their points form a quad, split into two
+    triangles along a diagonal. Either diagonal is a valid surface, but not the same one (the four
+    points are rarely coplanar), and the table is fixed: a trained DMTet's checkpoint must give the
+    same mesh in every version. The diagonal joins the lowest-numbered crossing edge to the one
+    opposite it (sharing no tet vertex)."""
+    table, count = _triangle_table()
+    quads = [case for case in range(16) if count[case] == 2]
+    assert quads == [3, 5, 6, 9, 10, 12]
+    for case in quads:
+        inside = [(case >> k) & 1 for k in range(4)]
+        crossing = [e for e, (a, b) in enumerate(EDGES) if inside[a] != inside[b]]
+        first = crossing[0]
+        [opposite] = [e for e in crossing if not set(EDGES[e]) & set(EDGES[first])]
+        tris = [set(t.tolist()) for t in table[case]]
+        assert tris[0] & tris[1] == {first, opposite}, (case, tris)
