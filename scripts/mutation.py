@@ -25,7 +25,8 @@ ROOT = Path(__file__).resolve().parents[1]
 GOAL = 0.85  # of the mutants of each module, killed
 # The groups the issue names, and the modules in each (pyproject.toml's only_mutate lists the same).
 GROUPS = {
-    "guidance": ["text23d/guidance/sds.py", "text23d/guidance/vsd.py", "text23d/guidance/cfg.py"],
+    "guidance": ["text23d/guidance/base.py", "text23d/guidance/sds.py", "text23d/guidance/vsd.py",
+                 "text23d/guidance/cfg.py"],
     "geometry": ["text23d/geometry/grid.py", "text23d/geometry/hashgrid.py", "text23d/geometry/dmtet.py",
                  "text23d/geometry/base.py"],
     "renderers": ["text23d/renderers/volume.py", "text23d/renderers/rasterize.py"],
