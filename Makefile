@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup demo test test-slow mutation bench real-shapes gpu-wheels gpu-check eval-prior clean
+.PHONY: setup demo test test-slow mutation breaks bench real-shapes gpu-wheels gpu-check eval-prior clean
 
 setup: $(VENV)/.installed
 
@@ -47,6 +47,10 @@ test-slow: setup
 # judged by the fast tests that reach it; per-module scores and every survivor: docs/mutation.md.
 mutation: setup
 	$(PY) scripts/mutation.py
+
+# The weak spots issue 19 named, each broken the way it named in a scratch copy: each must fail its test.
+breaks: setup
+	OMP_NUM_THREADS=1 $(PY) scripts/breaks.py
 
 bench: setup
 	$(PY) scripts/bench.py
