@@ -76,3 +76,19 @@ def test_systems_do_not_ask_which_part_they_hold():
     found = [f"{p.name}:{i}" for p in (PACKAGE / "systems").glob("*.py")
              for i, line in enumerate(p.read_text().splitlines(), 1) if asking.search(line)]
     assert found == []
+
+
+def test_renderers_take_what_they_use():
+    """A renderer's forward has exactly the base arguments and the options it declares; a system asks
+    every renderer for need_normals, jitter and occupancy and each gets only what it declared."""
+    import inspect
+
+    from text23d.renderers.mesh import MeshRenderer
+    from text23d.renderers.volume import VolumeRenderer
+
+    base = ["self", "geometry", "background", "cams", "height", "width", "shading"]
+    asked = dict(need_normals=True, jitter=True, occupancy=None)
+    for kind in (VolumeRenderer, MeshRenderer):
+        params = list(inspect.signature(kind.forward).parameters)
+        assert params[:7] == base and set(params[7:]) == kind.options, (kind, params)
+    assert VolumeRenderer().accepted(**asked) == asked and MeshRenderer().accepted(**asked) == {}

@@ -101,8 +101,8 @@ def probe_renders(stage, device, height: int, width: int, side: int = 16, views:
             def render():
                 with torch.enable_grad():
                     renderer(particle.geometry, particle.background, cams, side, side,
-                             shading="lambertian" if lit else "albedo", need_normals=orient, jitter=False,
-                             occupancy=occupancy)
+                             shading="lambertian" if lit else "albedo",
+                             **renderer.accepted(need_normals=orient, jitter=False, occupancy=occupancy))
             kept = saved_bytes(render, list(particle.parameters()))
     except Exception as err:  # a part that cannot be probed this way: the per-sample constant
         log.debug("memory: could not probe the renders of stage %s (%s)", stage.cfg.name, err)

@@ -39,8 +39,7 @@ class MeshRenderer(Renderer):
         self.implementation = accel.choose("renderer", implementation, "nvdiffrast")
         self._context = None
 
-    def forward(self, geometry, background, cams: Cameras, height: int, width: int, shading: str = "albedo",
-                need_normals: bool = False, jitter: bool = False, occupancy=None) -> dict:
+    def forward(self, geometry, background, cams: Cameras, height: int, width: int, shading: str = "albedo") -> dict:
         """Render B views: comp_rgb (B,H,W,3), opacity/depth (B,H,W,1), comp_normal (B,H,W,3), and
         the mesh itself (for the normal-consistency and Laplacian regularisers)."""
         if shading not in SHADINGS:

@@ -42,6 +42,7 @@ class VolumeRenderer(Renderer):
     needs = frozenset({"density", "albedo"})  # from the geometry (systems/parts.py)
     provides = frozenset({"rgb", "opacity", "depth", "sample_weights", "normals"})
     normals_from_geometry = True
+    options = frozenset({"need_normals", "jitter", "occupancy"})
 
     def __init__(self, radius: float = 1.0, num_samples: int = 64, ambient: float = 0.1,
                  diffuse: float = 0.9, skip_weight: float = 1e-4, occupancy: dict | None = None):

@@ -309,7 +309,8 @@ class BaseSystem(L.LightningModule):
         shading = self.sample_shading(c.shading, step)
         height, width = render_size(c, step, self.prior.resolution)  # null: the prior's; lists: milestones
         out = stage.renderer(particle.geometry, particle.background, cams, height, width, shading=shading,
-                             need_normals=lam.get("orient", 0.0) > 0, jitter=True, occupancy=particle.occupancy)
+                             **stage.renderer.accepted(need_normals=lam.get("orient", 0.0) > 0, jitter=True,
+                                                       occupancy=particle.occupancy))
         # The stage's own view thresholds (ProlificDreamer: 30° sectors, 45° in its geometry stage).
         cond, uncond = self.prompt_processor(cams.elevation, cams.azimuth, **c.prompt_processor)
         plain = self.prompt_processor.plain(len(cond)) if "text_plain" in stage.guidance.needs else None
@@ -377,7 +378,7 @@ class BaseSystem(L.LightningModule):
         for i in range(len(cams)):
             cam = cams[i:i + 1].to(self.device)
             out = self.renderer(p.geometry, p.background, cam, resolution, resolution,
-                                shading=shading, need_normals=True)
+                                shading=shading, **self.renderer.accepted(need_normals=True))
             normal = (out["comp_normal"][0] * 0.5 + 0.5) * out["opacity"][0] + (1 - out["opacity"][0])
             views.append({"rgb": out["comp_rgb"][0].cpu().numpy(), "normal": normal.cpu().numpy(),
                           "opacity": out["opacity"][0].expand(-1, -1, 3).cpu().numpy()})
