@@ -73,11 +73,12 @@ def evaluate(pairs, system: str, cfg_scale: float, out: Path, overrides: list[st
                 last = k == len(stages) - 1
                 if not last:  # the mesh of an earlier stage: exported from the checkpoint kept at its end
                     ckpt = run_dir / "ckpts" / f"{stage['name']}.ckpt"
-                    export_only(compose([f"export.ckpt={ckpt}", "export.video_views=8",
-                                         f"export.texture_size={cfg.export.texture_size}"]))  # as the last stage
+                    meshes = export_only(compose([f"export.ckpt={ckpt}", "export.video_views=8",
+                                                  f"export.texture_size={cfg.export.texture_size}"]))["artifacts"]
+                    meshes = [p["mesh_glb"] for p in meshes.get("particles", [meshes])]  # as the last stage
                 else:
-                    ckpt = run_dir
-                rows = score_run(ckpt, shape, colour, run_dir, tag="" if last else f"_{stage['name']}")
+                    ckpt, meshes = run_dir, None
+                rows = score_run(ckpt, shape, colour, run_dir, tag="" if last else f"_{stage['name']}", meshes=meshes)
                 for r in rows:
                     r.update({"prompt": prompt, "held_out": (shape, colour) in held, "seed": seed,
                               "stage": stage["name"], "wall_time_s": round(wall if last else elapsed, 1),
@@ -98,15 +99,16 @@ def evaluate(pairs, system: str, cfg_scale: float, out: Path, overrides: list[st
     return results, spread
 
 
-def score_run(ckpt, shape: str, colour: str, run_dir: Path, tag: str) -> list[dict]:
-    """Every particle of a checkpoint, judged on its renders and on the GLB exported from it."""
+def score_run(ckpt, shape: str, colour: str, run_dir: Path, tag: str, meshes: list | None = None) -> list[dict]:
+    """Every particle of a checkpoint, judged on its renders and on the GLB exported from it (the
+    run's own, or `meshes`: those of a re-export)."""
     from text23d.builtin.evaluate import colour_error, score_asset, score_mesh, strip
     from text23d.export.video import save_image
     from text23d.run import load_system
 
     system, step, _ = load_system(ckpt)
     stage = system.stage_tag()
-    meshes = sorted((run_dir / "save" / f"{stage}it{step:06d}-export").glob("*.glb"))
+    meshes = meshes or sorted((run_dir / "save" / f"{stage}it{step:06d}-export").glob("*.glb"))
     rows = []
     for i in range(len(system.particles)):
         r = score_asset(system, shape, colour, particle=i)

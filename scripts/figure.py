@@ -37,7 +37,10 @@ def main() -> None:
     with torch.no_grad():
         rows = [np.concatenate([v["rgb"] for v in system.render_views(cams, args.resolution, shading="lambertian")], 1)]
     if args.mesh:
-        glbs = sorted(Path(system.out_dir, "save").glob(f"{system.stage_tag()}it{step:06d}-export/*.glb"))
+        pattern = f"{system.stage_tag()}it{step:06d}-export/*.glb"  # the run's own, else its latest re-export
+        exports = sorted(Path(system.out_dir, "exports").glob("*"), key=lambda p: int(p.name) if p.name.isdigit() else 0)
+        glbs = sorted(Path(system.out_dir, "save").glob(pattern)) or \
+            [g for e in reversed(exports) for g in sorted(e.glob(pattern))][:1]
         if not glbs:
             sys.exit(f"{args.run}: no exported GLB for step {step}; run `text23d export={args.run}` first")
         rows.append(np.concatenate([v["rgb"] for v in mesh_views(load_exported_mesh(glbs[0]), cams, args.resolution)], 1))

@@ -82,9 +82,9 @@ def finished_is_a_no_op(ctx, case_dir, out):
 
 def reexported(ctx, case_dir, out):
     folder = ctx.export_copy
-    record = json.loads((folder / "export-000001.json").read_text())
-    assert record["steps"] == 1
-    assert (folder / "save" / "it000001-export" / "model.glb").stat().st_size > 0
+    record = json.loads((folder / "exports" / "1" / "export.json").read_text())
+    assert record["steps"] == 1 and record["changed"] == {}  # the run's own settings
+    assert (folder / "exports" / "1" / "it000001-export" / "model.glb").stat().st_size > 0
     assert (folder / "ckpts" / "last.ckpt").stat().st_mtime_ns == ctx.snapshots["export_copy"]["ckpts/last.ckpt"][1]
 
 

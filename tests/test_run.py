@@ -138,3 +138,54 @@ def test_resume_from_a_bad_checkpoint_is_a_clear_error(tmp_path, make_bad, match
     bad = make_bad(tmp_path)
     with pytest.raises(CheckpointError, match=match):
         run(compose_cfg([f"resume={bad}"]))
+
+
+def test_export_keeps_the_runs_settings_changes_only_what_is_asked_and_writes_a_new_folder(smoke_run, caplog):
+    """text23d export=<run>: the run's own export settings (the smoke run's 64² texture, 8 frames of
+    32 px), into <run>/exports/1, 2, ...; the run's files are never touched. Only what the command
+    changes applies, and the log says what differs from the run's; a key typed at its default value
+    (the CLI passes what was typed) still applies."""
+    import hashlib
+    import logging
+
+    from PIL import Image
+
+    _, out = smoke_run
+    own = {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in out.rglob("*") if p.is_file() and "exports" not in p.parts}
+    n = len(list((out / "exports").iterdir())) if (out / "exports").exists() else 0  # other tests' exports
+    with caplog.at_level(logging.INFO, logger="text23d"):
+        same = run(compose_cfg([f"export.ckpt={out}"]))
+    assert Path(same["folder"]) == out / "exports" / str(n + 1) and same["changed"] == {}
+    assert "the run's own export settings" in caplog.text and "changed here" not in caplog.text
+    assert same["settings"]["texture_size"] == 64 and same["settings"]["video_views"] == 8
+    frames = list(iio.imiter(same["artifacts"]["video"]))
+    assert len(frames) == 8 and frames[0].shape[:2] == (32, 64)  # rgb | normals, 32 px each
+    assert Image.open(sorted(Path(same["folder"]).rglob("model.png"))[0]).size == (64, 64)
+    assert json.loads((Path(same["folder"]) / "export.json").read_text())["changed"] == {}
+
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="text23d"):
+        changed = run(compose_cfg([f"export.ckpt={out}", "export.texture_size=32", "export.video_resolution=128"]),
+                      overrides=[f"export.ckpt={out}", "export.texture_size=32", "export.video_resolution=128"])
+    assert Path(changed["folder"]) == out / "exports" / str(n + 2)
+    assert changed["changed"] == {"texture_size": 32, "video_resolution": 128}  # 128 is the default: typed, so it applies
+    assert "export.texture_size=32 (the run's: 64)" in caplog.text
+    assert Image.open(sorted(Path(changed["folder"]).rglob("model.png"))[0]).size == (32, 32)
+    assert next(iter(iio.imiter(changed["artifacts"]["video"]))).shape[:2] == (128, 256)
+    assert {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in own} == own  # the run's files as they were
+
+
+def test_a_failed_export_leaves_no_folder_and_the_run_untouched(smoke_run, monkeypatch):
+    from text23d.export import artifacts
+
+    _, out = smoke_run
+    before = sorted(p.name for p in (out / "exports").iterdir()) if (out / "exports").exists() else []
+
+    def fail(*args, **kwargs):
+        raise OSError("the disk went away")
+
+    monkeypatch.setattr(artifacts, "save_video", fail)
+    with pytest.raises(OSError, match="the disk went away"):
+        run(compose_cfg([f"export.ckpt={out}"]))
+    after = sorted(p.name for p in (out / "exports").iterdir()) if (out / "exports").exists() else []
+    assert after == before

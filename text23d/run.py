@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import time
 import warnings
 from pathlib import Path
@@ -34,7 +35,7 @@ log = logging.getLogger("text23d")
 def run(cfg: DictConfig, overrides: list[str] | None = None, callbacks: list | None = None) -> dict:
     """Train (or resume, or only export) as `cfg` says; returns the run summary (also on disk)."""
     if cfg.export.get("ckpt"):
-        return export_only(cfg)
+        return export_only(cfg, overrides)
     ckpt_path, start_step = None, 0
     if cfg.get("resume"):
         cfg, ckpt_path, start_step = resume_config(cfg, overrides or [])
@@ -290,11 +291,17 @@ def _check_version(ckpt: Path, data: dict) -> None:
 
 def load_system(ckpt_or_dir, export_overrides: dict | None = None):
     """The trained system of a checkpoint (no diffusion model loaded), its step and run folder."""
+    return load_run(ckpt_or_dir, export_overrides)[:3]
+
+
+def load_run(ckpt_or_dir, export_overrides: dict | None = None):
+    """load_system's (system, step, checkpoint), and the export settings the run saved."""
     ckpt = find_checkpoint(ckpt_or_dir)
     data = load_checkpoint_file(ckpt)
     _check_version(ckpt, data)
     saved = OmegaConf.create(data["text23d"]["config"])
     OmegaConf.set_struct(saved, False)
+    saved_export = OmegaConf.to_container(saved.export, resolve=True)
     if export_overrides:
         saved.export = OmegaConf.merge(saved.export, export_overrides)
     saved.output_dir = str(run_dir_of(ckpt))
@@ -303,16 +310,50 @@ def load_system(ckpt_or_dir, export_overrides: dict | None = None):
     skip = getattr(system, "export_skips_prefix", None)  # e.g. VSD's LoRA: needs the prior to exist
     state = {k: v for k, v in data["state_dict"].items() if not (skip and k.startswith(skip))}
     system.load_state_dict(state)
-    return system, int(data.get("global_step", 0)), ckpt
+    return system, int(data.get("global_step", 0)), ckpt, saved_export
 
 
-def export_only(cfg: DictConfig) -> dict:
-    """Re-export video and mesh from a checkpoint; no training, no diffusion model.
-    Export settings come from this command, not from the run being exported."""
+def export_changes(cfg: DictConfig, overrides: list[str] | None) -> dict:
+    """The export settings this command changes: the `export.*` keys typed on the command line
+    (`overrides`, the CLI's), or, from Python without them, the keys whose value differs from a
+    plain composition's."""
+    if overrides is not None:
+        keys = {o.lstrip("+").partition("=")[0].removeprefix("export.") for o in overrides
+                if o.lstrip("+").startswith("export.")}
+    else:
+        plain = tconfig.compose([]).export
+        keys = {k for k in cfg.export if cfg.export.get(k) != plain.get(k)}
+    return {k: cfg.export.get(k) for k in sorted(keys - {"ckpt"})}
+
+
+def new_export_folder(run_dir: Path) -> Path:
+    """<run>/exports/<n>: the next number; a re-export never writes over the run's own files."""
+    root = Path(run_dir) / "exports"
+    taken = [int(p.name) for p in root.glob("*") if p.name.isdigit()] if root.is_dir() else []
+    folder = root / str(max(taken, default=0) + 1)
+    folder.mkdir(parents=True)
+    return folder
+
+
+def export_only(cfg: DictConfig, overrides: list[str] | None = None) -> dict:
+    """Re-export video and mesh from a checkpoint; no training, no diffusion model. The run's own
+    export settings, with only what this command changes, into a new folder <run>/exports/<n>/
+    (the run's files stay as they are; a failed export leaves no folder)."""
     tconfig.check_export(cfg)  # before the checkpoint loads
-    overrides = {k: v for k, v in cfg.export.items() if k != "ckpt"}
-    system, step, ckpt = load_system(cfg.export.ckpt, overrides)
-    exported = export_artifacts(system, system.out_dir, step)
-    summary = {"checkpoint": str(ckpt), "steps": step, **exported}
-    write_text_atomic(system.out_dir / f"export-{step:06d}.json", json.dumps(summary, indent=2))
+    changes = export_changes(cfg, overrides)
+    system, step, ckpt, saved = load_run(cfg.export.ckpt, changes)
+    differ = {k: v for k, v in changes.items() if saved.get(k) != v}
+    log.info("export from %s: the run's own export settings%s", ckpt, "" if not differ else ", changed here: " +
+             ", ".join(f"export.{k}={v} (the run's: {saved.get(k)})" for k, v in differ.items()))
+    folder = new_export_folder(system.out_dir)
+    try:
+        exported = export_artifacts(system, folder, step, save_dir=folder)
+    except BaseException:
+        shutil.rmtree(folder, ignore_errors=True)  # no half export; the run's files were never touched
+        raise
+    settings = OmegaConf.to_container(system.cfg.export, resolve=True)
+    summary = {"checkpoint": str(ckpt), "steps": step, "folder": str(folder), "settings": settings,
+               "changed": differ, **exported}
+    write_text_atomic(folder / "export.json", json.dumps(summary, indent=2, default=str))
+    log.info("exported into %s", folder)
     return summary

@@ -22,13 +22,14 @@ def export_views(system, out_dir: Path, step: int) -> dict:
     return export_artifacts(system, out_dir, step, mesh=False)["artifacts"]
 
 
-def export_artifacts(system, out_dir: Path, step: int, mesh: bool = True) -> dict:
+def export_artifacts(system, out_dir: Path, step: int, mesh: bool = True, save_dir: Path | None = None) -> dict:
     """Video + grid of the evaluation orbit and the mesh of every particle, under `out_dir/save/`.
     Needs only the 3D representation (no diffusion model): the same from a live run or a checkpoint.
     One particle: save/it<N>-test.{mp4,png}, save/it<N>-export/model.{obj,glb}. Several: the same
     with a -particle<i> / particle<i> tag each, and save/it<N>-particles.png side by side. A system
-    of several stages prefixes each name with the stage that made it (save/fine-it<N>-test.mp4)."""
-    save = Path(out_dir) / "save"
+    of several stages prefixes each name with the stage that made it (save/fine-it<N>-test.mp4).
+    `save_dir`: another folder for all of them (a re-export's exports/<n>/)."""
+    save = Path(save_dir) if save_dir is not None else Path(out_dir) / "save"
     system.eval()
     n = len(system.particles)
     stage = system.stage_tag()
