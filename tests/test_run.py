@@ -189,3 +189,45 @@ def test_a_failed_export_leaves_no_folder_and_the_run_untouched(smoke_run, monke
         run(compose_cfg([f"export.ckpt={out}"]))
     after = sorted(p.name for p in (out / "exports").iterdir()) if (out / "exports").exists() else []
     assert after == before
+
+
+def test_resume_goes_on_making_what_it_started(smoke_run, tmp_path, caplog):
+    """resume= may change how a run runs (trainer.max_steps, export.*), not what it makes: a new
+    prompt (or guidance, seed, ...) is refused with the fix, the run's files untouched, unless
+    resume_overrides_ok=true says so (then it is logged)."""
+    import logging
+    import shutil
+
+    _, out = smoke_run
+    config = (out / "config.yaml").read_text()
+    for change in ('prompt=a blue cube', "guidance.guidance_scale=7.5", "seed=3"):
+        key = change.partition("=")[0]
+        with pytest.raises(ConfigError, match=rf"^{key}=.*: the run being resumed has {key}=.*Fix: a new run with it, "
+                                              "or add resume_overrides_ok=true"):
+            run(compose_cfg([f"resume={out}"]), overrides=[f"resume={out}", change])
+    assert (out / "config.yaml").read_text() == config
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    with caplog.at_level(logging.WARNING, logger="text23d"):
+        summary = run(compose_cfg([f"resume={copy}", "resume_overrides_ok=true"]),
+                      overrides=[f"resume={copy}", "prompt='a blue cube'", "trainer.max_steps=5", "resume_overrides_ok=true"])
+    assert summary["steps"] == 5 and summary["prompt"] == "a blue cube"
+    assert "resume: prompt=a blue cube replaces the run's a red cube" in caplog.text
+    with pytest.raises(ConfigError, match=r"resume_overrides_ok='yes': must be true or false"):
+        run(compose_cfg(["prompt=x", "resume_overrides_ok=yes", f"output_dir={tmp_path / 'n'}"]))
+
+
+def test_a_checkpoint_copied_into_another_runs_folder_is_refused(smoke_run, tmp_path):
+    """A Magic3D checkpoint in a DreamFusion run's folder must not turn that run into Magic3D."""
+    import shutil
+
+    _, out = smoke_run
+    other = tmp_path / "other"
+    shutil.copytree(out, other)
+    text = (other / "config.yaml").read_text()
+    assert "text23d.systems.dreamfusion.DreamFusion" in text
+    (other / "config.yaml").write_text(text.replace("text23d.systems.dreamfusion.DreamFusion",
+                                                    "text23d.systems.prolificdreamer.ProlificDreamer"))
+    with pytest.raises(CheckpointError, match=r"holds a DreamFusion run \(stages \['main'\]\), but its folder's "
+                                              r"config.yaml is a ProlificDreamer run's .* Fix: resume the run it came from"):
+        run(compose_cfg([f"resume={other}"]), overrides=[f"resume={other}", "trainer.max_steps=6"])

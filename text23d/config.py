@@ -190,6 +190,9 @@ def validate(cfg: DictConfig) -> None:
     if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed <= SEED_MAX:
         raise ConfigError(f"seed={seed!r}: must be an integer in [0, {SEED_MAX}] (numpy's and torch's "
                           "common range). Fix: e.g. seed=0")
+    if not isinstance(cfg.get("resume_overrides_ok", False), bool):
+        raise ConfigError(f"resume_overrides_ok={cfg.get('resume_overrides_ok')!r}: must be true or false. "
+                          "Fix: resume_overrides_ok=true")
     if not isinstance(cfg.get("deterministic"), bool):
         raise ConfigError(f"deterministic={cfg.get('deterministic')!r}: must be true or false. Fix: deterministic=true")
     if cfg.trainer.max_steps is not None:  # null: the sum of the stages' own steps

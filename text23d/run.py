@@ -213,8 +213,19 @@ def resume_config(cfg: DictConfig, overrides: list[str]) -> tuple[DictConfig, Pa
     _check_version(ckpt, data)
     saved = OmegaConf.create(data["text23d"]["config"])
     OmegaConf.set_struct(saved, True)
-    extra = [o for o in overrides if not o.lstrip("+").startswith(("resume=", "hydra.", "output_dir=", "export."))]
+    check_same_run(ckpt, saved)
+    extra = [o for o in overrides if not o.lstrip("+").startswith(("resume=", "hydra.", "output_dir=", "export.",
+                                                                  "resume_overrides_ok="))]
     for key, value, add in _parse_overrides(extra):
+        if not key.startswith(HOW_IT_RUNS) and OmegaConf.select(saved, key, default=None) != value:
+            if not cfg.get("resume_overrides_ok"):
+                raise ConfigError(
+                    f"{key}={value}: the run being resumed has {key}={OmegaConf.select(saved, key, default=None)}, and "
+                    "a resumed run goes on making what it started; only how it runs may change (trainer.*, "
+                    "checkpoint.*, validation.*, export.*, guard.*). Fix: a new run with it, or add "
+                    "resume_overrides_ok=true to change it in this run")
+            log.warning("resume: %s=%s replaces the run's %s (resume_overrides_ok=true)", key, value,
+                        OmegaConf.select(saved, key, default=None))
         if isinstance(OmegaConf.select(saved, key), DictConfig) and not isinstance(value, dict):
             raise ConfigError(f"{key}={value} chooses another config option, which a resumed run cannot "
                               f"take: its parts are already built. Fix: start a new run with {key}={value}, "
@@ -226,6 +237,29 @@ def resume_config(cfg: DictConfig, overrides: list[str]) -> tuple[DictConfig, Pa
     with_dir = OmegaConf.merge(saved, {"resume": str(ckpt), "output_dir": str(run_dir_of(ckpt))})
     check_saved_config(ckpt, with_dir)
     return with_dir, ckpt, int(data.get("global_step", 0))
+
+
+HOW_IT_RUNS = ("trainer.", "checkpoint.", "validation.", "export.", "guard.", "faults.")  # resume may change these
+
+
+def check_same_run(ckpt: Path, saved: DictConfig) -> None:
+    """The checkpoint belongs to the folder it sits in: the folder's config.yaml (written when the run
+    started) names the same system and stages. A checkpoint copied into another run's folder would
+    otherwise turn that run into another system on resume."""
+    own = run_dir_of(ckpt) / "config.yaml"
+    if not own.is_file():
+        return
+    try:
+        folder = OmegaConf.load(own)
+        theirs = (str(OmegaConf.select(folder, "system._target_")), list(OmegaConf.select(folder, "system.stages") or []))
+    except Exception:  # noqa: BLE001 (unreadable: nothing to compare with)
+        return
+    mine = (str(OmegaConf.select(saved, "system._target_")), list(OmegaConf.select(saved, "system.stages") or []))
+    if mine != theirs:
+        raise CheckpointError(
+            f"'{ckpt}' holds a {mine[0].rpartition('.')[2]} run (stages {mine[1]}), but its folder's config.yaml "
+            f"is a {theirs[0].rpartition('.')[2]} run's (stages {theirs[1]}): the checkpoint was copied from another "
+            f"run. Fix: resume the run it came from, or move it into a folder of its own")
 
 
 def check_saved_config(ckpt: Path, cfg: DictConfig) -> None:
