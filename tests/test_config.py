@@ -104,3 +104,37 @@ def test_export_and_validation_sizes_are_checked_before_the_first_step(override,
 
     with pytest.raises(ConfigError, match=match):
         validate(compose_cfg(["prompt=a red cube", "prior=builtin", "debug=smoke", override]))
+
+
+@pytest.mark.parametrize("override,match", [
+    ("trainer.precision=17", r"^trainer.precision=17: allowed are \['32-true', .*Fix: trainer.precision=32-true"),
+    ("trainer.accelerator=tpu", r"^trainer.accelerator='tpu': allowed are \['auto', 'cpu', 'gpu', 'cuda', 'mps'\]"),
+    ("trainer.devices=0", r"^trainer.devices=0: a count ≥ 1, -1 \(all\), auto, or a list of device indices"),
+    ("trainer.devices=[]", r"^trainer.devices=\[\]: a count"),
+    ("trainer.enable_progress_bar=3", r"^trainer.enable_progress_bar=3: must be true or false"),
+    ("trainer.log_every_n_steps=0", r"^trainer.log_every_n_steps=0: must be an integer ≥ 1"),
+    ("+trainer.num_nodez=2", r"^\+trainer.num_nodez: not an argument of lightning.Trainer"),
+    ("+trainer.callbacks=[]", r"^\+trainer.callbacks: not an argument of lightning.Trainer \(or one text23d sets itself\)"),
+])
+def test_every_trainer_option_is_checked_before_anything_loads(override, match):
+    with pytest.raises(ConfigError, match=match):
+        validate(compose_cfg(["prompt=x", override]))
+
+
+def test_trainer_options_lightning_takes_are_accepted():
+    for override in ("trainer.precision=bf16-mixed", "trainer.devices=2", "trainer.devices=auto", "trainer.devices=[0]",
+                     "trainer.accelerator=cpu", "+trainer.gradient_clip_val=1.0", "trainer.precision=32"):
+        validate(compose_cfg(["prompt=x", override]))
+
+
+def test_a_gpu_asked_for_on_a_machine_without_one_is_refused_with_the_fix():
+    import torch
+
+    if torch.cuda.is_available():  # on a GPU machine: more devices than it has
+        n = torch.cuda.device_count()
+        with pytest.raises(ConfigError, match=rf"^trainer.devices={n + 1}: this machine has {n} gpu device"):
+            validate(compose_cfg(["prompt=x", "trainer.accelerator=gpu", f"trainer.devices={n + 1}"]))
+    else:
+        with pytest.raises(ConfigError, match=r"^trainer.accelerator=gpu: this machine has no CUDA device .* "
+                                              r"Fix: trainer.accelerator=cpu, or auto"):
+            validate(compose_cfg(["prompt=x", "trainer.accelerator=gpu"]))

@@ -68,6 +68,60 @@ def _positive_int(value, name: str, minimum: int = 1) -> None:
         raise ConfigError(f"{name}={value!r}: must be an integer ≥ {minimum}. Fix: e.g. {name}={max(minimum, 100)}")
 
 
+PRECISIONS = ("32-true", "32", "16-mixed", "16", "bf16-mixed", "bf16", "64-true", "64")
+ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps")
+
+
+def check_trainer(trainer: DictConfig) -> None:
+    """Every trainer option, in Lightning's terms but told in one line, before anything loads:
+    the accelerator (and that this machine has it), devices, precision, the progress bar, and any
+    extra +trainer.<key> a user adds (it must be a lightning.Trainer argument)."""
+    accelerator = trainer.get("accelerator", "auto")
+    if accelerator not in ACCELERATORS:
+        raise ConfigError(f"trainer.accelerator={accelerator!r}: allowed are {list(ACCELERATORS)}. "
+                          "Fix: trainer.accelerator=auto (a GPU when there is one, else the CPU)")
+    if accelerator in ("gpu", "cuda", "mps"):
+        import torch  # only when a GPU is asked for: --help and other refusals stay fast
+
+        found = torch.backends.mps.is_available() if accelerator == "mps" else torch.cuda.is_available()
+        count = 1 if accelerator == "mps" else torch.cuda.device_count()
+        if not found:
+            raise ConfigError(f"trainer.accelerator={accelerator}: this machine has no {'Apple MPS' if accelerator == 'mps' else 'CUDA'} "
+                              "device (torch sees none). Fix: trainer.accelerator=cpu, or auto")
+        devices = trainer.get("devices", 1)
+        if isinstance(devices, int) and not isinstance(devices, bool) and devices > count:
+            raise ConfigError(f"trainer.devices={devices}: this machine has {count} {accelerator} device(s). "
+                              f"Fix: trainer.devices={count}")
+    devices = trainer.get("devices", 1)
+    listed = OmegaConf.is_list(devices) or isinstance(devices, list)
+    ok = devices == "auto" or (isinstance(devices, int) and not isinstance(devices, bool) and (devices >= 1 or devices == -1)) \
+        or (listed and len(devices) > 0 and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in devices))
+    if not ok:
+        raise ConfigError(f"trainer.devices={devices!r}: a count ≥ 1, -1 (all), auto, or a list of device indices. "
+                          "Fix: trainer.devices=1")
+    precision = str(trainer.get("precision", "32-true"))
+    if precision not in PRECISIONS:
+        raise ConfigError(f"trainer.precision={precision}: allowed are {list(PRECISIONS)}. "
+                          "Fix: trainer.precision=32-true (16-mixed on a GPU)")
+    if not isinstance(trainer.get("enable_progress_bar", True), bool):
+        raise ConfigError(f"trainer.enable_progress_bar={trainer.get('enable_progress_bar')!r}: must be true or false. "
+                          "Fix: trainer.enable_progress_bar=false")
+    _positive_int(trainer.get("log_every_n_steps", 1), "trainer.log_every_n_steps")
+    known = {"accelerator", "devices", "strategy", "precision", "max_steps", "log_every_n_steps", "enable_progress_bar"}
+    extra = sorted(set(trainer.keys()) - known)
+    if extra:
+        import inspect
+
+        import lightning as L
+
+        allowed = set(inspect.signature(L.Trainer.__init__).parameters) - {"self", "logger", "callbacks", "plugins",
+                                                                             "default_root_dir", "max_epochs"}
+        unknown = [k for k in extra if k not in allowed]
+        if unknown:
+            raise ConfigError(f"+trainer.{unknown[0]}: not an argument of lightning.Trainer (or one text23d sets itself). "
+                              f"Fix: drop it, or one of {sorted(allowed)[:6]} ... (see lightning.Trainer)")
+
+
 def _finite_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
@@ -197,6 +251,7 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(f"deterministic={cfg.get('deterministic')!r}: must be true or false. Fix: deterministic=true")
     if cfg.trainer.max_steps is not None:  # null: the sum of the stages' own steps
         _positive_int(cfg.trainer.max_steps, "trainer.max_steps")
+    check_trainer(cfg.trainer)
     strategy = cfg.trainer.get("strategy")
     if isinstance(strategy, str) and strategy.startswith(("ddp_spawn", "ddp_fork", "ddp_notebook")):
         raise ConfigError(f"trainer.strategy={strategy}: not supported: it trains in child processes that hand back "
