@@ -59,12 +59,17 @@ def test_shell_completion_completes_groups(tmp_path):
     (["-m", "prompt=x", "--cfg", "hydra"], "-m with --cfg: a sweep cannot also print its config or info. Fix: drop -m"),
     (["-m", "prompt=x,y", "--cfg=job"], "-m with --cfg: a sweep cannot also print"),
     (["--multirun", "prompt=x", "--info"], "-m with --info"),
+    # a sweep checks every job before the first starts: the bad value of the last job is refused up front
+    (["-m", "prompt=x", "prior=builtin", "guidance.guidance_scale=7.5,-1"],
+     "job 1 of 2 (guidance.guidance_scale=-1): guidance_scale=-1 must be >= 0"),
+    (["-m", "prompt=a cat,a dog", "prior=builtin", "trainer.max_steps=5,0"], "job 1 of 4 (prompt='a cat' trainer.max_steps=0)"),
 ])
 def test_bad_input_gives_a_clear_error_not_a_traceback(tmp_path, args, expect):
     code, out = cli(*args, f"output_root={tmp_path}", cwd=tmp_path)
     assert code != 0
     assert expect in out
     assert "Traceback" not in out
+    assert not (tmp_path / "multirun").exists()  # a refused sweep started no job
 
 
 def test_unreadable_model_folder_and_corrupt_checkpoint(tmp_path):

@@ -72,15 +72,15 @@ PRECISIONS = ("32-true", "32", "16-mixed", "16", "bf16-mixed", "bf16", "64-true"
 ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps")
 
 
-def check_trainer(trainer: DictConfig) -> None:
+def check_trainer(trainer: DictConfig, on_this_machine: bool = True) -> None:
     """Every trainer option, in Lightning's terms but told in one line, before anything loads:
-    the accelerator (and that this machine has it), devices, precision, the progress bar, and any
-    extra +trainer.<key> a user adds (it must be a lightning.Trainer argument)."""
+    the accelerator (and, for a job that runs here, that this machine has it), devices, precision,
+    the progress bar, and any extra +trainer.<key> (it must be a lightning.Trainer argument)."""
     accelerator = trainer.get("accelerator", "auto")
     if accelerator not in ACCELERATORS:
         raise ConfigError(f"trainer.accelerator={accelerator!r}: allowed are {list(ACCELERATORS)}. "
                           "Fix: trainer.accelerator=auto (a GPU when there is one, else the CPU)")
-    if accelerator in ("gpu", "cuda", "mps"):
+    if accelerator in ("gpu", "cuda", "mps") and on_this_machine:
         import torch  # only when a GPU is asked for: --help and other refusals stay fast
 
         found = torch.backends.mps.is_available() if accelerator == "mps" else torch.cuda.is_available()
@@ -232,8 +232,9 @@ def _check_loss(loss, where: str) -> None:
                               f"{start} then {end}). Fix: the earlier step first, e.g. {name}={fix}")
 
 
-def validate(cfg: DictConfig) -> None:
-    """Check the values every run needs, before anything expensive happens."""
+def validate(cfg: DictConfig, on_this_machine: bool = True) -> None:
+    """Check the values every run needs, before anything expensive happens. `on_this_machine`
+    False: a job a cluster launcher runs elsewhere (its GPUs are not this machine's)."""
     prompt = cfg.get("prompt")
     if prompt is None or (isinstance(prompt, str) and not prompt.strip()):
         raise ConfigError(f"prompt is empty (prompt={prompt!r}): it says what to generate. "
@@ -251,7 +252,7 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(f"deterministic={cfg.get('deterministic')!r}: must be true or false. Fix: deterministic=true")
     if cfg.trainer.max_steps is not None:  # null: the sum of the stages' own steps
         _positive_int(cfg.trainer.max_steps, "trainer.max_steps")
-    check_trainer(cfg.trainer)
+    check_trainer(cfg.trainer, on_this_machine)
     strategy = cfg.trainer.get("strategy")
     if isinstance(strategy, str) and strategy.startswith(("ddp_spawn", "ddp_fork", "ddp_notebook")):
         raise ConfigError(f"trainer.strategy={strategy}: not supported: it trains in child processes that hand back "
