@@ -168,7 +168,7 @@ def _hydra_main(cfg: DictConfig):
         cfg.resume, overrides = str(cfg.output_dir), []
     try:
         if not cfg.get("resume") and not cfg.export.get("ckpt"):  # a new run: fail fast, before torch loads
-            check_resolves(cfg)
+            _config.check_resolves(cfg)
             _config.validate(cfg)
             chosen = given_dir or any(o.startswith("hydra.run.dir=") for o in hc.overrides.hydra)
             key = ("output_dir" if given_dir else "hydra.run.dir") if chosen else None
@@ -224,7 +224,10 @@ def main() -> None:
         check_one_mode(sys.argv[1:])
         check_output_folders(sys.argv[1:])
         check_not_reused(sys.argv[1:])
-        check_sweep_jobs(sys.argv[1:])
+        if _is_multirun(sys.argv[1:]) and not any(a.split("=")[0] in PRINT_ONLY for a in sys.argv[1:]):
+            from text23d.sweep import check_sweep_jobs
+
+            check_sweep_jobs(sys.argv[1:])
     except Text23dError as e:
         print(f"text23d: error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
@@ -253,62 +256,6 @@ def check_one_mode(argv: list[str]) -> None:
     if _is_multirun(argv) and printing:
         raise ConfigError(f"-m with {printing[0]}: a sweep cannot also print its config or info. Fix: drop -m and "
                           f"give one value per key to print one job's, or drop {printing[0]} to run the sweep")
-
-
-def sweep_jobs(argv: list[str]) -> list[list[str]]:
-    """The overrides of every job a multirun will launch, as Hydra's basic sweeper expands them (the
-    product of every swept key's values); hydra.* and flags are left out."""
-    import itertools
-
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
-    args = [a for a in argv if not a.startswith("-") and not a.lstrip("+~").startswith("hydra")]
-    lists = []
-    for o in OverridesParser.create().parse_overrides(args):
-        key = o.get_key_element()
-        values = list(o.sweep_string_iterator()) if o.is_sweep_override() else [o.get_value_element_as_str()]
-        lists.append([f"{key}={v}" for v in values])
-    return [list(job) for job in itertools.product(*lists)]
-
-
-def check_sweep_jobs(argv: list[str]) -> None:
-    """A sweep composes and checks every job before the first one starts: a bad value in job 7 is
-    refused now, not after job 0 trained for an hour. Each job gets what a single run is checked for
-    before it starts (config.validate) and its stages' guidance settings."""
-    if not _is_multirun(argv) or any(a.split("=")[0] in PRINT_ONLY for a in argv):
-        return
-    from hydra import compose, initialize_config_module
-    from hydra.errors import HydraException, InstantiationException
-    from hydra.utils import instantiate
-    from omegaconf.errors import OmegaConfBaseException
-
-    from text23d.systems.stages import stage_configs
-
-    jobs = sweep_jobs(argv)
-    here = not any(a.partition("=")[0].lstrip("+") == "hydra/launcher" and "submitit_slurm" in a for a in argv)
-    with initialize_config_module("text23d.conf", version_base="1.3"):
-        for k, job in enumerate(jobs):
-            try:
-                cfg = compose("config", overrides=job)
-                check_resolves(cfg)
-                _config.validate(cfg, on_this_machine=here)  # a SLURM job's GPUs are its node's
-                for stage in stage_configs(cfg):
-                    try:
-                        instantiate(stage.guidance)
-                    except InstantiationException as e:  # the guidance's own refusal, wrapped by Hydra
-                        raise e.__cause__ if isinstance(e.__cause__, Text23dError) else e
-            except (HydraException, OmegaConfBaseException):
-                return  # Hydra says it itself, in one line (describe_hydra_error), when it composes
-            except Text23dError as e:
-                swept = [o for o in job if o.partition("=")[0] in {a.partition("=")[0] for a in _swept(argv)}]
-                raise type(e)(f"job {k} of {len(jobs)} ({' '.join(swept) or ' '.join(job)}): {e} (no job was started)") from None
-
-
-def _swept(argv: list[str]) -> list[str]:
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
-    args = [a for a in argv if not a.startswith("-") and not a.lstrip("+~").startswith("hydra")]
-    return [o.input_line for o in OverridesParser.create().parse_overrides(args) if o.is_sweep_override()]
 
 
 def check_output_folders(argv: list[str]) -> None:
@@ -392,26 +339,6 @@ def check_not_reused(argv: list[str]) -> None:
 
 
 # --- Hydra's own errors, in one line ----------------------------------------------------------------
-
-def check_resolves(cfg: DictConfig) -> None:
-    """Every interpolation of the config resolves (${oc.env:X} of an unset X does not): said in one
-    line now, not as a traceback wherever the value is first read. Resolves a copy: a prompt's
-    escaped `\\${` stays escaped in `cfg`."""
-    from omegaconf.errors import InterpolationResolutionError, InterpolationToMissingValueError
-
-    try:
-        OmegaConf.to_container(cfg, resolve=True)
-    except (InterpolationResolutionError, InterpolationToMissingValueError) as e:
-        key = getattr(e, "full_key", None) or "?"
-        typed = OmegaConf.to_container(cfg, resolve=False)
-        for part in (p for p in re.split(r"[.\[\]]", key) if p):
-            try:
-                typed = typed[int(part) if isinstance(typed, list) else part]
-            except (KeyError, IndexError, ValueError, TypeError):
-                typed = "?"
-                break
-        raise ConfigError(f"{key}={typed}: cannot be resolved ({str(e).splitlines()[0]}). Fix: give the value "
-                          f"itself, or set what it refers to") from None
 
 def describe_hydra_error(e: BaseException, argv: list[str]) -> str:
     """One line for an error Hydra raised while reading the command line or composing the config:

@@ -322,3 +322,24 @@ def compose(overrides: list[str]) -> DictConfig:
 
     with initialize_config_module("text23d.conf", version_base="1.3"):
         return hydra_compose("config", overrides=overrides)
+
+
+def check_resolves(cfg: DictConfig) -> None:
+    """Every interpolation of the config resolves (${oc.env:X} of an unset X does not): said in one
+    line now, not as a traceback wherever the value is first read. Resolves a copy: a prompt's
+    escaped `\\${` stays escaped in `cfg`."""
+    from omegaconf.errors import InterpolationResolutionError, InterpolationToMissingValueError
+
+    try:
+        OmegaConf.to_container(cfg, resolve=True)
+    except (InterpolationResolutionError, InterpolationToMissingValueError) as e:
+        key = getattr(e, "full_key", None) or "?"
+        typed = OmegaConf.to_container(cfg, resolve=False)
+        for part in (p for p in re.split(r"[.\[\]]", key) if p):
+            try:
+                typed = typed[int(part) if isinstance(typed, list) else part]
+            except (KeyError, IndexError, ValueError, TypeError):
+                typed = "?"
+                break
+        raise ConfigError(f"{key}={typed}: cannot be resolved ({str(e).splitlines()[0]}). Fix: give the value "
+                          f"itself, or set what it refers to") from None
