@@ -140,3 +140,13 @@ def test_a_copied_mesh_stage_of_another_size_is_refused(tmp_path):
         build_system(compose_cfg(["prompt=x", f"output_dir={tmp_path}", "system=magic3d", "geometry=dmtet",
                                   "renderer=rasterize", "geometry.resolution=32",
                                   "system.stage.fine.geometry.resolution=12"]))
+
+
+@pytest.mark.parametrize("system,usual", [("magic3d", "coarse,fine"), ("vsd", "nerf,geometry,texture"),
+                                          ("dreamfusion", "main")])
+def test_an_unknown_stage_is_refused_with_the_systems_own_stages_in_order(system, usual):
+    from text23d.systems.stages import stage_configs
+
+    with pytest.raises(ConfigError, match=rf"system.stages=\['bogus'\]: stages \['bogus'\] are not defined; .* "
+                                          rf"Fix: system.stages=\[{usual}\] \(the system's own, in order\)"):
+        stage_configs(compose_cfg(["prompt=x", f"system={system}", "system.stages=[bogus]"]))

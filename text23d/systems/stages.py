@@ -36,6 +36,17 @@ INITS = ("blob", "previous")
 LORA = ("carry", "reset")  # a VSD stage's LoRA: as the stage before left it, or as it was built
 
 
+def default_stages(system: str) -> list[str]:
+    """The stages a system runs by default, in order, as its YAML (conf/system/<name>.yaml) lists them."""
+    from importlib.resources import files
+
+    path = files("text23d.conf") / "system" / f"{system}.yaml"
+    if not system or not path.is_file():
+        return []
+    data = OmegaConf.load(str(path))
+    return list(OmegaConf.select(data, "system.stages", default=None) or data.get("stages") or [])
+
+
 def stage_configs(cfg: DictConfig) -> list[DictConfig]:
     """One resolved config per stage to run: name, steps (None: from trainer.max_steps), geometry,
     renderer, guidance, camera, and the system-level keys with the stage's changes merged in."""
@@ -44,8 +55,10 @@ def stage_configs(cfg: DictConfig) -> list[DictConfig]:
     library = s.get("stage") or {}
     unknown = [n for n in names if n not in library and n != "main"]
     if unknown or len(set(names)) != len(names):
+        usual = default_stages(str(s.get("name", ""))) or [n for n in library if n != "main"] or ["main"]
         raise ConfigError(f"system.stages={names}: {'stages ' + str(unknown) + ' are not defined' if unknown else 'a stage is named twice'}"
-                          f"; defined are {list(library)}. Fix: e.g. system.stages=[{', '.join(library) or 'main'}]")
+                          f"; defined are {list(library)}. Fix: system.stages=[{','.join(usual)}] (the system's own, "
+                          f"in order), or a part of it")
     out = []
     for k, name in enumerate(names):
         own = library.get(name) or OmegaConf.create({})
