@@ -353,6 +353,7 @@ def test_missing_hub_id_offline_fails_fast(tmp_path, monkeypatch):
     assert "'text23d-test/does-not-exist'" in message
     assert "huggingface-cli download text23d-test/does-not-exist" in message
     assert "prior.pretrained_model_name_or_path=" in message
+    assert "to try text23d without any download, prior=builtin" in message
 
 
 def test_missing_hub_id_unreachable_endpoint_fails_fast(tmp_path, monkeypatch):
@@ -367,6 +368,7 @@ def test_missing_hub_id_unreachable_endpoint_fails_fast(tmp_path, monkeypatch):
         load_prior("text23d-test/does-not-exist")
     assert time.monotonic() - start < 60
     assert "http://127.0.0.1:9" in str(err.value) and "HF_HUB_OFFLINE=1" in str(err.value)
+    assert "prior=builtin" in str(err.value)
 
 
 # --- the operations guidance uses ------------------------------------------------------------

@@ -42,6 +42,7 @@ LIBRARIES = ("diffusers", "transformers")
 ADDITION_EMBED_TYPES = (None, "text")  # see _check_shapes
 PROBE_TIMEOUT_S = 5.0
 FOLDER_HINT = "prior.pretrained_model_name_or_path=/path/to/model"
+BUILTIN_HINT = "or, to try text23d without any download, prior=builtin (the small prior it ships)"
 
 
 def load_prior(
@@ -258,7 +259,7 @@ def _hub_snapshot(repo_id: str) -> str:
         raise PriorLoadError(
             f"prior '{repo_id}' is not in the local Hugging Face cache ({cache_dir}) and "
             f"HF_HUB_OFFLINE=1{not_local}. Download it on a machine with network ({download_cmd}) "
-            f"and copy the cache, or point to a local folder: {FOLDER_HINT}"
+            f"and copy the cache, or point to a local folder: {FOLDER_HINT}; {BUILTIN_HINT}"
         )
     endpoint = (os.environ.get("HF_ENDPOINT") or "https://huggingface.co").rstrip("/")
     reason = _probe(endpoint)
@@ -271,7 +272,7 @@ def _hub_snapshot(repo_id: str) -> str:
             f"prior '{repo_id}' is not in the local Hugging Face cache ({cache_dir}) and the hub "
             f"endpoint {endpoint} is unreachable ({reason}){not_local}. Fix: connect to the network, or "
             f"download it elsewhere ({download_cmd}) and copy the cache, or point to a local "
-            f"folder: {FOLDER_HINT}. Set HF_HUB_OFFLINE=1 to skip this network check."
+            f"folder: {FOLDER_HINT}; {BUILTIN_HINT}. Set HF_HUB_OFFLINE=1 to skip this network check."
         )
     return _download(repo_id, endpoint, cache_dir)  # also finishes a partial one: files on disk are kept
 
