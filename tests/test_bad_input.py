@@ -97,15 +97,8 @@ def empty_folder_was_used(ctx, case_dir, out):
     assert (ctx.empty / "config.yaml").is_file()  # an empty, existing output_dir is fine
 
 
-def sweep_lists_all_three(ctx, case_dir, out):
-    [sweep] = list((case_dir / "outputs" / "multirun").iterdir())
-    jobs = json.loads((sweep / "sweep_summary.json").read_text())
-    assert [j["status"] for j in jobs] == ["ok", "failed", "ok"], jobs
-    assert "trainer.max_steps=0" in jobs[1]["overrides"]
-    assert [j["steps"] for j in jobs] == [1, None, 2]
-    table = (sweep / "sweep_summary.md").read_text()
-    assert "3 jobs, 1 failed" in table and table.count("| ok |") == 2 and "| failed" in table
-    assert str(sweep / "sweep_summary.md") in out.splitlines()[-1]
+def no_sweep_started(ctx, case_dir, out):
+    assert not (case_dir / "outputs" / "multirun").exists()  # no job ran, no sweep folder
 
 
 # --- the catalogue ---------------------------------------------------------------------------------
@@ -209,11 +202,11 @@ CASES = [
          ("is not empty (notes.txt)", "another output_dir, new or empty"), check=unchanged("not_empty")),
     Case("output-dir-run-without-checkpoint", lambda c: ["prompt=x", f"output_dir={c.no_ckpt}"],
          ("stopped before its first checkpoint", "nothing to resume", "rm -r"), needs=frozenset({"run"})),
-    # a sweep where one job of three fails
-    Case("multirun-one-job-of-three-fails",
+    # a sweep whose second job of three is bad: refused before the first job starts (each job checked)
+    Case("multirun-a-bad-job-is-refused-before-any-starts",
          fixed("-m", "prompt=a red cube", *BUILTIN_SMOKE, "trainer.max_steps=1,0,2"),
-         ("trainer.max_steps=0:", MAX_STEPS, "a job of the sweep failed", "sweep_summary.md"),
-         last_line_only=True, check=sweep_lists_all_three, slow=True),  # trains two jobs
+         ("job 1 of 3 (trainer.max_steps=0): trainer.max_steps=0:", MAX_STEPS, "(no job was started)"),
+         last_line_only=True, check=no_sweep_started),
 ]
 
 

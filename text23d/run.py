@@ -213,33 +213,34 @@ def resume_config(cfg: DictConfig, overrides: list[str]) -> tuple[DictConfig, Pa
     _check_version(ckpt, data)
     saved = OmegaConf.create(data["text23d"]["config"])
     OmegaConf.set_struct(saved, True)
-    check_same_run(ckpt, saved)
     extra = [o for o in overrides if not o.lstrip("+").startswith(("resume=", "hydra.", "output_dir=", "export.",
                                                                   "resume_overrides_ok="))]
     for key, value, add in _parse_overrides(extra):
+        if isinstance(OmegaConf.select(saved, key), DictConfig) and not isinstance(value, dict):
+            raise ConfigError(f"{key}={value} chooses another config option, which a resumed run cannot "
+                              f"take: its parts are already built. Fix: start a new run with {key}={value}, "
+                              "or resume without it")
         if not key.startswith(HOW_IT_RUNS) and OmegaConf.select(saved, key, default=None) != value:
             if not cfg.get("resume_overrides_ok"):
                 raise ConfigError(
                     f"{key}={value}: the run being resumed has {key}={OmegaConf.select(saved, key, default=None)}, and "
                     "a resumed run goes on making what it started; only how it runs may change (trainer.*, "
-                    "checkpoint.*, validation.*, export.*, guard.*). Fix: a new run with it, or add "
+                    "checkpoint.*, validation.*, export.*, guard.*, output_root, prior.dtype). Fix: a new run with it, or add "
                     "resume_overrides_ok=true to change it in this run")
             log.warning("resume: %s=%s replaces the run's %s (resume_overrides_ok=true)", key, value,
                         OmegaConf.select(saved, key, default=None))
-        if isinstance(OmegaConf.select(saved, key), DictConfig) and not isinstance(value, dict):
-            raise ConfigError(f"{key}={value} chooses another config option, which a resumed run cannot "
-                              f"take: its parts are already built. Fix: start a new run with {key}={value}, "
-                              "or resume without it")
         try:
             OmegaConf.update(saved, key, value, merge=True, force_add=add)
         except OmegaConfBaseException as e:
             raise ConfigError(f"cannot apply {key}={value} to the resumed run: {str(e).splitlines()[0]}") from None
     with_dir = OmegaConf.merge(saved, {"resume": str(ckpt), "output_dir": str(run_dir_of(ckpt))})
-    check_saved_config(ckpt, with_dir)
+    check_saved_config(ckpt, with_dir)  # first: a config this version cannot use is said as such
+    check_same_run(ckpt, saved)
     return with_dir, ckpt, int(data.get("global_step", 0))
 
 
-HOW_IT_RUNS = ("trainer.", "checkpoint.", "validation.", "export.", "guard.", "faults.")  # resume may change these
+# What a resumed run may change: how it runs and where it writes, not what it makes.
+HOW_IT_RUNS = ("trainer.", "checkpoint.", "validation.", "export.", "guard.", "faults.", "output_root", "prior.dtype")
 
 
 def check_same_run(ckpt: Path, saved: DictConfig) -> None:
