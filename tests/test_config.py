@@ -1,3 +1,4 @@
+import re
 from pathlib import Path
 
 import pytest
@@ -138,3 +139,20 @@ def test_a_gpu_asked_for_on_a_machine_without_one_is_refused_with_the_fix():
         with pytest.raises(ConfigError, match=r"^trainer.accelerator=gpu: this machine has no CUDA device .* "
                                               r"Fix: trainer.accelerator=cpu, or auto"):
             validate(compose_cfg(["prompt=x", "trainer.accelerator=gpu"]))
+
+
+@pytest.mark.parametrize("text,what", [("a red\rcube", "U+000D (carriage return) at position 5"),
+                                       ("a red\u2028cube", "U+2028 (line separator) at position 5"),
+                                       ("a red\u2029cube", "U+2029 (paragraph separator)")])
+def test_prompts_hold_tabs_and_newlines_but_no_other_breaks(text, what):
+    """A carriage return or a Unicode line/paragraph separator is invisible in most terminals and
+    logs: refused with its name and position (tabs and newlines are whitespace and allowed)."""
+    with pytest.raises(ConfigError, match=rf"^prompt holds 1 control character\(s\), the first {re.escape(what)}"):
+        validate(_with_prompt(text))
+    validate(_with_prompt("a red\tcube\non a table"))
+
+
+def _with_prompt(text):
+    cfg = compose_cfg(["prompt=x"])
+    cfg.prompt = text
+    return cfg

@@ -14,7 +14,7 @@ SLUG_MAX = 48
 SEED_MAX = 2**32 - 1
 MESH_FORMATS = ("obj", "glb")  # the one list: export/mesh.py writes these
 RENDER_MAX = 4096  # pixels a side of a training render (the priors work at 32-1024)
-TEXT_WHITESPACE = "\t\n\r"  # the only control characters a prompt may hold
+TEXT_WHITESPACE = "\t\n"  # the only control characters a prompt may hold
 
 
 def slugify(text: str, max_len: int = SLUG_MAX) -> str:
@@ -130,13 +130,14 @@ def check_printable(value: str, name: str, key: str = "prompt") -> None:
     """Prompts are user text taken literally, but printable: a NUL or an escape sequence is a
     paste accident that would reach the text encoder, the logs and the terminal unseen. Refused
     (never stripped silently); tabs and newlines are whitespace and allowed."""
-    def control(ch: str) -> bool:
-        return unicodedata.category(ch) == "Cc" and ch not in TEXT_WHITESPACE
+    def control(ch: str) -> bool:  # control characters, and the invisible line/paragraph separators
+        return unicodedata.category(ch) in ("Cc", "Zl", "Zp") and ch not in TEXT_WHITESPACE
 
     bad = [(i, c) for i, c in enumerate(value) if control(c)]
     if bad:
         i, c = bad[0]
-        names = {0: "NUL", 7: "BEL", 8: "backspace", 27: "ESC", 127: "DEL"}
+        names = {0: "NUL", 7: "BEL", 8: "backspace", 13: "carriage return", 27: "ESC", 127: "DEL",
+                 0x2028: "line separator", 0x2029: "paragraph separator"}
         what = f"U+{ord(c):04X}" + (f" ({names[ord(c)]})" if ord(c) in names else "")
         clean = "".join(ch for ch in value if not control(ch))
         shown = clean if len(clean) <= 60 else clean[:57] + "..."
