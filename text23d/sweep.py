@@ -176,20 +176,22 @@ class SweepSummary(Callback):
 
 # --- before a sweep starts: every job checked ----------------------------------------------------
 
-def sweep_jobs(argv: list[str]) -> list[list[str]]:
+def sweep_jobs(argv: list[str]) -> tuple[list[list[str]], set[str]]:
     """The overrides of every job a multirun will launch, as Hydra's basic sweeper expands them (the
-    product of every swept key's values); hydra.* and flags are left out."""
+    product of every swept key's values), and the swept keys; hydra.* and flags are left out."""
     import itertools
 
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
     args = [a for a in argv if not a.startswith("-") and not a.lstrip("+~").startswith("hydra")]
-    lists = []
+    lists, swept = [], set()
     for o in OverridesParser.create().parse_overrides(args):
         key = o.get_key_element()
+        if o.is_sweep_override():
+            swept.add(key)
         values = list(o.sweep_string_iterator()) if o.is_sweep_override() else [o.get_value_element_as_str()]
         lists.append([f"{key}={v}" for v in values])
-    return [list(job) for job in itertools.product(*lists)]
+    return [list(job) for job in itertools.product(*lists)], swept
 
 
 def check_sweep_jobs(argv: list[str]) -> None:
@@ -205,7 +207,7 @@ def check_sweep_jobs(argv: list[str]) -> None:
     from text23d.errors import Text23dError
     from text23d.systems.stages import stage_configs
 
-    jobs = sweep_jobs(argv)
+    jobs, swept_keys = sweep_jobs(argv)
     here = not any(a.partition("=")[0].lstrip("+") == "hydra/launcher" and "submitit_slurm" in a for a in argv)
     with initialize_config_module("text23d.conf", version_base="1.3"):
         for k, job in enumerate(jobs):
@@ -221,15 +223,8 @@ def check_sweep_jobs(argv: list[str]) -> None:
             except (HydraException, OmegaConfBaseException):
                 return  # Hydra says it itself, in one line (describe_hydra_error), when it composes
             except Text23dError as e:
-                swept = [o for o in job if o.partition("=")[0] in {a.partition("=")[0] for a in _swept(argv)}]
+                swept = [o for o in job if o.partition("=")[0] in swept_keys]
                 raise type(e)(f"job {k} of {len(jobs)} ({' '.join(swept) or ' '.join(job)}): {e} (no job was started)") from None
-
-
-def _swept(argv: list[str]) -> list[str]:
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
-    args = [a for a in argv if not a.startswith("-") and not a.lstrip("+~").startswith("hydra")]
-    return [o.input_line for o in OverridesParser.create().parse_overrides(args) if o.is_sweep_override()]
 
 
 if __name__ == "__main__":
