@@ -77,3 +77,13 @@ def assert_export_shows_the_renders(run_dir, mesh_file, particle: int = 0) -> di
     r = export_agreement(system, mesh_file, particle=particle)
     assert r["iou"] >= r["iou_floor"] and r["colour_error"] < colour_tolerance(), r
     return r
+
+
+def check_settings(cls, **settings):
+    """`settings` for a part of class `cls`, through the part's schema, as the CLI checks a composed
+    config (text23d/schema/): constructors trust their arguments, so a bad value is refused here."""
+    from text23d.schema import check_part
+
+    where = {"guidance": "guidance", "geometry": "geometry", "renderers": "renderer", "cameras": "camera",
+             "prompts": "system.prompt_processor"}[cls.__module__.split(".")[1]]
+    check_part({"_target_": f"{cls.__module__}.{cls.__name__}", **settings}, where)

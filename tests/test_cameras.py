@@ -6,6 +6,8 @@ import torch
 from text23d.cameras.sampler import RandomCameraSampler, get_rays, look_at, spherical_to_position
 from text23d.errors import ConfigError
 
+from tests.helpers import check_settings
+
 
 def test_random_cameras_stay_in_their_ranges():
     torch.manual_seed(0)
@@ -57,6 +59,6 @@ def test_orbit_starts_at_front_and_goes_round():
 
 def test_bad_ranges_are_rejected_with_the_key_name():
     with pytest.raises(ConfigError, match="elevation_range"):
-        RandomCameraSampler(elevation_range=(50, 10))
+        check_settings(RandomCameraSampler, elevation_range=(50, 10))
     with pytest.raises(ConfigError, match="fovy_range"):
-        RandomCameraSampler(fovy_range=(0, 200))
+        check_settings(RandomCameraSampler, fovy_range=(0, 200))

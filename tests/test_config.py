@@ -92,12 +92,12 @@ def test_slug_keeps_simple_prompts_readable_and_distinguishes_long_ones():
 
 
 @pytest.mark.parametrize("override,match", [
-    ("export.resolution=-1", r"export.resolution=-1: must be an integer ≥ 2. Fix: e.g. export.resolution=100"),
-    ("export.resolution=100000", r"export.resolution=100000: at most 1024. Fix: e.g. export.resolution=128"),
-    ("export.video_views=0", r"export.video_views=0: must be an integer ≥ 1"),
-    ("export.video_resolution=2.5", r"export.video_resolution=2.5: must be an integer ≥ 8"),
-    ("export.fps=0", r"export.fps=0: must be an integer ≥ 1"),
-    ("validation.views=0", r"validation.views=0: must be an integer ≥ 1"),
+    ("export.resolution=-1", r"export.resolution=-1: must be an integer in \[2, 1024\]. Fix: e.g. export.resolution=128"),
+    ("export.resolution=100000", r"export.resolution=100000: must be an integer in \[2, 1024\]. Fix: e.g. export.resolution=128"),
+    ("export.video_views=0", r"export.video_views=0: must be an integer in \[1, 3600\]"),
+    ("export.video_resolution=2.5", r"export.video_resolution=2.5: must be an integer in \[8, 4096\]"),
+    ("export.fps=0", r"export.fps=0: must be an integer in \[1, 240\]"),
+    ("validation.views=0", r"validation.views=0: must be an integer in \[1, 64\]"),
 ])
 def test_export_and_validation_sizes_are_checked_before_the_first_step(override, match):
     from text23d.config import validate
@@ -112,7 +112,7 @@ def test_export_and_validation_sizes_are_checked_before_the_first_step(override,
     ("trainer.accelerator=tpu", r"^trainer.accelerator='tpu': allowed are \['auto', 'cpu', 'gpu', 'cuda', 'mps'\]"),
     ("trainer.devices=0", r"^trainer.devices=0: a count ≥ 1, -1 \(all\), auto, or a list of device indices"),
     ("trainer.devices=[]", r"^trainer.devices=\[\]: a count"),
-    ("trainer.enable_progress_bar=3", r"^trainer.enable_progress_bar=3: must be true or false"),
+    ("trainer.enable_progress_bar=maybe", r"^trainer.enable_progress_bar='maybe': must be true or false"),
     ("trainer.log_every_n_steps=0", r"^trainer.log_every_n_steps=0: must be an integer ≥ 1"),
     ("+trainer.num_nodez=2", r"^\+trainer.num_nodez: not an argument of lightning.Trainer"),
     ("+trainer.callbacks=[]", r"^\+trainer.callbacks: not an argument of lightning.Trainer \(or one text23d sets itself\)"),

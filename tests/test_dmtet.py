@@ -11,6 +11,8 @@ from text23d.geometry.dmtet import DMTet, EDGES, _triangle_table, marching_tets,
 from text23d.geometry.grid import DenseGrid
 from text23d.geometry.mesh_ops import face_normals, laplacian, normal_consistency
 
+from tests.helpers import check_settings
+
 
 def test_the_grid_fills_the_box_with_positive_tets():
     verts, tets = tet_grid(8)
@@ -180,7 +182,7 @@ def test_defaults_and_construction():
     assert DMTet(resolution=2).tets.shape == (48, 4)
     for bad in (1, 2.0, "8"):
         with pytest.raises(ConfigError):
-            DMTet(resolution=bad)
+            check_settings(DMTet, resolution=bad)
     g = DMTet(resolution=4, radius=2.0, sphere_radius=0.7)
     assert set(g.state_dict()) == {"box", "sdf", "deform"}
     verts, _ = tet_grid(4)

@@ -6,6 +6,8 @@ from text23d.geometry.base import Geometry
 from text23d.geometry.grid import DenseGrid
 from text23d.geometry.nerf import NeRFMLP
 
+from tests.helpers import check_settings
+
 
 def test_grid_interpolation_matches_grid_sample():
     torch.manual_seed(0)
@@ -104,7 +106,7 @@ def test_grid_defaults_and_accepted_resolutions():
     assert set(g.state_dict()) == {"density_grid", "albedo_grid"}  # the corner offsets are not saved
     assert DenseGrid(resolution=2).density_grid.shape == (8,)
     with pytest.raises(ConfigError, match="resolution=1"):
-        DenseGrid(resolution=1)
+        check_settings(DenseGrid, resolution=1)
 
 
 def test_grid_points_outside_the_box_read_the_border():
@@ -133,8 +135,8 @@ def test_geometry_defaults_and_refused_settings():
     g = DenseGrid(resolution=2)
     assert (g.radius, g.blob_density, g.blob_radius, g.normal_eps) == (1.0, 10.0, 0.5, 0.01)
     for bad in (dict(radius=0.0), dict(blob_radius=0.0), dict(normal_eps=0.0), dict(radius=-1.0)):
-        with pytest.raises(ConfigError, match="all must be > 0"):
-            DenseGrid(resolution=2, **bad)
+        with pytest.raises(ConfigError, match="must be a finite number > 0"):
+            check_settings(DenseGrid, resolution=2, **bad)
 
 
 class QuadraticField(Geometry):

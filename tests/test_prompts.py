@@ -10,6 +10,8 @@ from text23d.errors import ConfigError
 from text23d.prior.loading import load_prior
 from text23d.prompts.processor import PromptProcessor
 
+from tests.helpers import check_settings
+
 
 @pytest.mark.parametrize(
     "elevation, azimuth, direction",
@@ -33,15 +35,18 @@ def test_prompts_for_batch_and_thresholds():
 
 @pytest.mark.parametrize("prompt", ["", "   ", "\n"])
 def test_empty_prompt(prompt):
+    from text23d.schema.core import check_node
+    from text23d.schema.run import RunConfig
+
     with pytest.raises(ConfigError, match='prompt is empty.*prompt="a hamburger"'):
-        PromptProcessor(prompt)
+        check_node({"prompt": prompt}, RunConfig, "")
 
 
 def test_invalid_thresholds():
     with pytest.raises(ConfigError, match="front_threshold=100"):
-        PromptProcessor("a cube", front_threshold=100, back_threshold=100)
+        check_settings(PromptProcessor, front_threshold=100, back_threshold=100)
     with pytest.raises(ConfigError, match="overhead_threshold=95"):
-        PromptProcessor("a cube", overhead_threshold=95)
+        check_settings(PromptProcessor, overhead_threshold=95)
 
 
 def test_embeddings_follow_directions(tiny_pixel_model, tmp_path):
@@ -117,4 +122,4 @@ def test_eight_view_sectors(azimuth, direction):
 
 def test_view_sectors_must_be_4_or_8():
     with pytest.raises(ConfigError, match="view_sectors=6"):
-        PromptProcessor("a cube", view_sectors=6)
+        check_settings(PromptProcessor, view_sectors=6)

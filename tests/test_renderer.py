@@ -12,6 +12,8 @@ from text23d.renderers.background import Background
 from text23d.renderers.volume import VolumeRenderer
 from text23d.systems import losses
 
+from tests.helpers import check_settings
+
 
 class ConstantBall(Geometry):
     """Density `sigma` inside a ball of radius r, 0 outside; red albedo."""
@@ -137,7 +139,7 @@ def test_skipping_invisible_samples_changes_neither_image_nor_gradient():
 
 def test_bad_skip_weight_is_refused():
     with pytest.raises(ConfigError, match="skip_weight=1.5"):
-        VolumeRenderer(skip_weight=1.5)
+        check_settings(VolumeRenderer, skip_weight=1.5)
 
 
 def test_ray_sphere_matches_the_quadratic_roots():
@@ -229,12 +231,11 @@ def test_defaults_are_the_documented_ones():
 
 def test_sample_count_and_skip_weight_bounds():
     """One sample per ray is the smallest allowed count (and renders the midpoint); skip_weight must lie
-    in [0, 1); the default sample count is the error message's typical one."""
-    with pytest.raises(ConfigError, match="num_samples=0") as err:
-        VolumeRenderer(num_samples=0)
-    assert VolumeRenderer().num_samples == int(str(err.value).split("typical: ")[1].rstrip(")"))
+    in [0, 1); a refused count suggests the default (threestudio's 512)."""
+    with pytest.raises(ConfigError, match="num_samples=0: must be an integer ≥ 1. Fix: e.g. renderer.num_samples=512"):
+        check_settings(VolumeRenderer, num_samples=0)
     with pytest.raises(ConfigError, match="skip_weight=1"):
-        VolumeRenderer(skip_weight=1.0)
+        check_settings(VolumeRenderer, skip_weight=1.0)
     VolumeRenderer(skip_weight=0.0)
     out = VolumeRenderer(num_samples=1)(ConstantBall(2.0, 0.5), Background("solid", (0, 0, 1)), front_camera(), 1, 1)
     assert abs(out["opacity"].item() - (1 - math.exp(-2.0 * 2.0))) < 1e-5  # σ over the whole 2-unit chord

@@ -74,8 +74,8 @@ def test_export_video_false_writes_the_grid_and_mesh_but_no_turntable(smoke_run)
     res = run(compose_cfg(["export.texture_size=64", f"export.ckpt={out}", "export.texture=false", "export.format=obj",
                            "export.video=false"]))
     assert set(res["artifacts"]) == {"grid", "mesh_obj"} and Path(res["artifacts"]["grid"]).stat().st_size > 100
-    with pytest.raises(ConfigError, match=r"export.video='no': must be true .* Fix: export.video=true"):
-        run(compose_cfg([f"export.ckpt={out}", "export.video=no"]))
+    with pytest.raises(ConfigError, match=r"export.video='maybe': must be true .* Fix: e.g. export.video=true"):
+        run(compose_cfg([f"export.ckpt={out}", "export.video=maybe"]))
 
 
 def _final_state(out: Path) -> dict:
@@ -215,8 +215,8 @@ def test_resume_goes_on_making_what_it_started(smoke_run, tmp_path, caplog):
                                  "resume_overrides_ok=true"])
     assert summary["steps"] == more and summary["prompt"] == "a blue cube"
     assert "resume: prompt=a blue cube replaces the run's a red cube" in caplog.text
-    with pytest.raises(ConfigError, match=r"resume_overrides_ok='yes': must be true or false"):
-        run(compose_cfg(["prompt=x", "resume_overrides_ok=yes", f"output_dir={tmp_path / 'n'}"]))
+    with pytest.raises(ConfigError, match=r"resume_overrides_ok='maybe': must be true or false"):
+        run(compose_cfg(["prompt=x", "resume_overrides_ok=maybe", f"output_dir={tmp_path / 'n'}"]))
 
 
 def test_a_checkpoint_copied_into_another_runs_folder_is_refused(smoke_run, tmp_path):

@@ -10,6 +10,8 @@ from text23d.guidance.base import Text
 from text23d.guidance.cfg import guided_noise
 from text23d.guidance.sds import SDSGuidance
 
+from tests.helpers import check_settings
+
 
 
 
@@ -143,11 +145,11 @@ def test_max_t_as_a_ramp_is_threestudios_anneal(pixel_prior):
     assert sds.sample_timesteps(pixel_prior, 2000, sds.max_step_at(5001, None)).max() == 500
     with pytest.raises(ConfigError, match=r"max_step_percent=\[5000, 0.98, 0.5, 5001\] is a ramp and "
                                           r"anneal_max_step_percent=0.5 an anneal: use one"):
-        SDSGuidance(max_step_percent=[5000, 0.98, 0.5, 5001], anneal_max_step_percent=0.5)
-    with pytest.raises(ConfigError, match=r"a number or a ramp \[start_step, start_value, end_value, end_step\]"):
-        SDSGuidance(max_step_percent=[5001, 0.98, 0.5, 5000])
+        check_settings(SDSGuidance, max_step_percent=[5000, 0.98, 0.5, 5001], anneal_max_step_percent=0.5)
+    with pytest.raises(ConfigError, match=r"a ramp's steps must be in order, 0 ≤ start_step ≤ end_step"):
+        check_settings(SDSGuidance, max_step_percent=[5001, 0.98, 0.5, 5000])
     with pytest.raises(ConfigError, match=r"max_step_percent=\[0, 0.98, 1.5, 10\] is invalid"):
-        SDSGuidance(max_step_percent=[0, 0.98, 1.5, 10])
+        check_settings(SDSGuidance, max_step_percent=[0, 0.98, 1.5, 10])
 
 
 @pytest.mark.parametrize(
@@ -166,7 +168,7 @@ def test_max_t_as_a_ramp_is_threestudios_anneal(pixel_prior):
 )
 def test_invalid_arguments(kwargs, match):
     with pytest.raises(ConfigError, match=match):
-        SDSGuidance(**kwargs)
+        check_settings(SDSGuidance, **kwargs)
 
 
 def test_defaults_are_dreamfusions(pixel_prior):
@@ -296,12 +298,12 @@ def test_boundary_arguments_are_accepted_and_kept(kwargs):
         ({"max_step_percent": [0, "0.98", 0.5, 10]}, "a number or a ramp"),
         ({"max_step_percent": [True, 0.98, 0.5, 10]}, "a number or a ramp"),
         ({"max_step_percent": [0, 1.5, 0.5, 10]}, r"max_step_percent=\[0, 1.5, 0.5, 10\] is invalid"),
-        ({"max_step_percent": [-1, 0.98, 0.5, 10]}, "a number or a ramp"),
+        ({"max_step_percent": [-1, 0.98, 0.5, 10]}, "0 ≤ start_step ≤ end_step"),
     ],
 )
 def test_invalid_schedules(kwargs, match):
     with pytest.raises(ConfigError, match=match):
-        SDSGuidance(**kwargs)
+        check_settings(SDSGuidance, **kwargs)
 
 
 def test_cfg_of_four_views_against_separate_calls(pixel_prior):
@@ -334,9 +336,9 @@ def test_what_a_guidance_declares():
         assert "text_plain" not in kind().needs and "text_plain" in kind(view_guidance_scale=30.0).needs
         assert {"rgb", "text"} <= kind(view_guidance_scale=30.0).needs
     assert VSDGuidance(view_guidance_scale=30.0).needs >= {"camera_pose", "lora_training"}
-    for kind, usual in ((SDSGuidance, "100"), (VSDGuidance, "7.5")):
-        with pytest.raises(ConfigError, match=rf"Fix: guidance.guidance_scale={usual}$"):
-            kind(guidance_scale=-1.0)
+    for kind, usual in ((SDSGuidance, "100.0"), (VSDGuidance, "7.5")):
+        with pytest.raises(ConfigError, match=rf"Fix: e.g. guidance.guidance_scale={usual}$"):
+            check_settings(kind, guidance_scale=-1.0)
 
 
 def test_the_output_names_its_term(pixel_prior):

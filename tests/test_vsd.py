@@ -16,6 +16,8 @@ from text23d.guidance.sds import SDSGuidance
 from text23d.guidance.vsd import VSDGuidance, _check_compatible
 from text23d.testing import build_tiny_model
 
+from tests.helpers import check_settings
+
 
 @pytest.fixture(scope="module", autouse=True)
 def _one_thread():
@@ -349,7 +351,7 @@ def test_vsd_needs_setup(pixel_prior):
 )
 def test_invalid_arguments(kwargs, match):
     with pytest.raises(ConfigError, match=match):
-        VSDGuidance(**kwargs)
+        check_settings(VSDGuidance, **kwargs)
 
 
 def test_a_missing_lora_base_names_its_own_key(pixel_prior, tmp_path):
@@ -533,12 +535,13 @@ def test_boundary_arguments_are_accepted_and_kept(kwargs):
         ({"anneal_max_step_percent": 0.02}, "anneal_max_step_percent=0.02"),
         ({"anneal_at_fraction": -0.1}, "anneal_at_fraction=-0.1"),
         ({"lora_lr": -1e-4}, "lora_lr=-0.0001"),
-        ({"max_step_percent": [5000, 0.98, 0.5, 5001]}, "is a ramp and anneal_max_step_percent=0.5 an anneal"),
+        ({"max_step_percent": [5000, 0.98, 0.5, 5001], "anneal_max_step_percent": 0.5},
+         "is a ramp and anneal_max_step_percent=0.5 an anneal"),
     ],
 )
 def test_invalid_arguments_at_the_boundaries(kwargs, match):
     with pytest.raises(ConfigError, match=match):
-        VSDGuidance(**kwargs)
+        check_settings(VSDGuidance, **kwargs)
 
 
 def test_grad_clip_bounds_each_element_on_both_sides(pixel_prior):

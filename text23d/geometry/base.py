@@ -4,7 +4,6 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from text23d.errors import ConfigError
 
 # Tetrahedron offsets: 4 density evaluations estimate the gradient (vs 6 for central differences).
 _TETRA = torch.tensor([[1.0, -1.0, -1.0], [-1.0, -1.0, 1.0], [-1.0, 1.0, -1.0], [1.0, 1.0, 1.0]])
@@ -28,10 +27,6 @@ class Geometry(nn.Module):
     def __init__(self, radius: float = 1.0, blob_density: float = 10.0, blob_radius: float = 0.5,
                  normal_eps: float = 0.01):
         super().__init__()
-        if radius <= 0 or blob_radius <= 0 or normal_eps <= 0:
-            raise ConfigError(
-                f"geometry radius={radius}, blob_radius={blob_radius}, normal_eps={normal_eps}: "
-                "all must be > 0 (e.g. geometry.radius=1.0 geometry.blob_radius=0.5)")
         self.radius, self.blob_density, self.blob_radius = radius, blob_density, blob_radius
         self.normal_eps = normal_eps
 

@@ -141,9 +141,6 @@ class DMTet(nn.Module):
     def __init__(self, resolution: int = 32, radius: float = 1.0, color: nn.Module | None = None,
                  sphere_radius: float = 0.5, max_deform: float = 0.5):
         super().__init__()
-        if not (isinstance(resolution, int) and resolution >= 2):
-            raise ConfigError(f"geometry.resolution={resolution!r}: DMTet needs at least 2 cubes per axis "
-                              "(32-128 is typical). Fix: geometry.resolution=64")
         self.resolution, self.radius, self.max_deform = resolution, radius, max_deform
         grid, tets = tet_grid(resolution)
         self.register_buffer("unit_grid", grid.clone(), persistent=False)  # (V, 3) in [-1, 1]³

@@ -11,7 +11,6 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from text23d.errors import ConfigError
 from text23d.geometry.base import Geometry
 
 def _outer(wx: Tensor, wy: Tensor, wz: Tensor) -> Tensor:
@@ -26,8 +25,6 @@ def _gather(grid: Tensor, idx: Tensor) -> Tensor:
 
 class DenseGrid(Geometry):
     def __init__(self, resolution: int = 64, **kwargs):
-        if resolution < 2:
-            raise ConfigError(f"geometry.resolution={resolution}: a grid needs at least 2 cells per axis")
         super().__init__(**kwargs)
         self.resolution = resolution
         # Zeros: the blob supplies the initial shape, albedo starts grey (sigmoid(0) = 0.5).

@@ -17,7 +17,6 @@ import torch
 from torch import Tensor, nn
 
 from text23d import accel
-from text23d.errors import ConfigError
 from text23d.geometry.base import Geometry
 
 PRIMES = (1, 2654435761, 805459861)
@@ -111,11 +110,6 @@ class HashGrid(Geometry):
                  per_level_scale: float = 1.447269, hidden: int = 64, implementation: str = "auto",
                  normals: str = "finite_difference", **kwargs):
         super().__init__(**kwargs)
-        if not (isinstance(n_levels, int) and n_levels >= 1 and isinstance(log2_table, int) and 4 <= log2_table <= 24):
-            raise ConfigError(f"geometry.n_levels={n_levels!r}, log2_table={log2_table!r}: need n_levels ≥ 1 and "
-                              "log2_table in [4, 24] (tcnn's default: 16 levels, 2^19 entries)")
-        if normals not in ("finite_difference", "analytic"):
-            raise ConfigError(f"geometry.normals={normals!r}: allowed are 'finite_difference' and 'analytic'")
         self.implementation = accel.choose("geometry", implementation, "tinycudann")
         args = (n_levels, n_features, log2_table, base_resolution, per_level_scale)
         self.encoding = (TcnnHashEncoding(accel.load("tinycudann"), *args) if self.implementation == "tinycudann"

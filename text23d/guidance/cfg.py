@@ -18,13 +18,6 @@ import torch
 from text23d.errors import ConfigError
 
 
-def check_view_scale(view_guidance_scale: float | None) -> float | None:
-    if view_guidance_scale is not None and not view_guidance_scale >= 0:
-        raise ConfigError(f"view_guidance_scale={view_guidance_scale} must be >= 0, or null (the view words get "
-                          "guidance_scale like the rest of the prompt). Fix: e.g. view_guidance_scale=30")
-    return None if view_guidance_scale is None else float(view_guidance_scale)
-
-
 def guided_noise(prior, x_t, t, text_cond, text_uncond, scale: float, view_scale: float | None = None,
                  text_plain=None) -> torch.Tensor:
     """ε̂ (B, C, h, w) for x_t (B, C, h, w), t (B,), text (B, L, D), in one batched U-Net call."""

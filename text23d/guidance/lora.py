@@ -53,10 +53,6 @@ class CameraLoRAUNet(nn.Module):
                 f"LoRA base prediction_type={prediction_type!r} is not supported: use one of "
                 f"{PREDICTION_TYPES} (from the model's scheduler_config.json)."
             )
-        if not (isinstance(rank, int) and rank >= 1):
-            raise ConfigError(
-                f"lora_rank={rank!r} must be a positive integer (4-16 is usual). Fix: lora_rank=4"
-            )
         if alpha is not None and not alpha > 0:
             raise ConfigError(f"lora alpha={alpha!r} must be > 0, or null to use the rank (scale 1).")
         if not (isinstance(camera_dim, int) and camera_dim >= 1):

@@ -32,8 +32,6 @@ def _c2w(cams) -> Tensor:
 
 class VSDGuidance(ScoreDistillation):
     name = "vsd"
-    default_guidance_scale = 7.5
-    cfg_hint = "VSD uses a normal CFG, 7.5"
     # Each view's pose conditions the LoRA, which the system must train on the renders (parts.py).
     needs = frozenset({"rgb", "text", "camera_pose", "lora_training"})
     provides = frozenset({"lora"})
@@ -58,28 +56,6 @@ class VSDGuidance(ScoreDistillation):
     ):
         super().__init__(guidance_scale, min_step_percent, max_step_percent, weighting, grad_clip,
                          anneal_max_step_percent, anneal_at_fraction, view_guidance_scale)
-        if not lora_guidance_scale >= 0:
-            raise ConfigError(
-                f"lora_guidance_scale={lora_guidance_scale} must be >= 0 (1.0 = camera-conditioned "
-                "LoRA prediction only). Fix: guidance.lora_guidance_scale=1.0"
-            )
-        if not (isinstance(lora_rank, int) and lora_rank >= 1):
-            raise ConfigError(
-                f"lora_rank={lora_rank!r} must be a positive integer (4-16 is usual). Fix: lora_rank=4"
-            )
-        if not lora_lr > 0:
-            raise ConfigError(
-                f"lora_lr={lora_lr} must be > 0 (AdamW; ProlificDreamer uses 1e-4). Fix: lora_lr=1e-4"
-            )
-        if not (isinstance(lora_steps, int) and lora_steps >= 1):
-            raise ConfigError(
-                f"lora_steps={lora_steps!r} must be an integer >= 1 (LoRA steps per 3D step). "
-                "Fix: lora_steps=1"
-            )
-        if not 0 <= camera_drop_prob <= 1:
-            raise ConfigError(
-                f"camera_drop_prob={camera_drop_prob} must be in [0, 1]. Fix: camera_drop_prob=0.1"
-            )
         self.lora_guidance_scale = float(lora_guidance_scale)
         self.lora_rank, self.lora_lr, self.lora_steps = lora_rank, float(lora_lr), lora_steps
         self.camera_drop_prob = float(camera_drop_prob)

@@ -22,28 +22,12 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from text23d.errors import ConfigError
 
 DIRECTIONS = ("front", "side", "back", "overhead")  # view_sectors=4: DreamFusion's
 # view_sectors=8: a word per 45° of azimuth, centred on the front (0°), right (+90°), back, left.
 DIRECTIONS_8 = ("front", "front right", "right", "back right", "back", "back left", "left", "front left", "overhead")
 
 
-VIEW_THRESHOLDS = ("front_threshold", "back_threshold", "overhead_threshold")  # a stage may set its own
-
-
-def check_thresholds(front_threshold: float, back_threshold: float, overhead_threshold: float,
-                     where: str = "system.prompt_processor") -> None:
-    if not (0 <= front_threshold and 0 <= back_threshold and front_threshold + back_threshold <= 180):
-        raise ConfigError(
-            f"{where}: front_threshold={front_threshold}, back_threshold={back_threshold} are invalid: each "
-            f"must be >= 0 and their sum <= 180 degrees. Fix: {where}.front_threshold=45 {where}.back_threshold=45"
-        )
-    if not 0 <= overhead_threshold <= 90:
-        raise ConfigError(
-            f"{where}: overhead_threshold={overhead_threshold} must be within [0, 90] degrees of elevation. "
-            f"Fix: {where}.overhead_threshold=60"
-        )
 
 
 def directions_of(view_sectors: int) -> tuple[str, ...]:
@@ -81,12 +65,7 @@ class PromptProcessor:
         view_sectors: int = 4,
         cache_dir: str | None = None,
     ):
-        if not isinstance(prompt, str) or not prompt.strip():
-            raise ConfigError(f'prompt is empty ({prompt!r}): pass prompt="a hamburger"')
-        check_thresholds(front_threshold, back_threshold, overhead_threshold)
-        if view_sectors not in (4, 8):
-            raise ConfigError(f"view_sectors={view_sectors!r}: use 4 (front/side/back, DreamFusion's) or 8 "
-                              "(a word per 45° of azimuth). Fix: system.prompt_processor.view_sectors=4")
+        # Checked against PromptProcessorConfig and RunConfig (text23d/schema/) when the config was composed.
         self.prompt = prompt.strip()
         self.negative_prompt = (negative_prompt or "").strip()
         # What the text encoder reads: the prompts, with a vocabulary's aliases applied (prepare).

@@ -4,7 +4,6 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from text23d.errors import ConfigError
 from text23d.geometry.nerf import positional_encoding
 
 
@@ -14,8 +13,6 @@ class Background(nn.Module):
 
     def __init__(self, mode: str = "learned", color=(1.0, 1.0, 1.0), n_freqs: int = 2, hidden: int = 16):
         super().__init__()
-        if mode not in ("solid", "learned"):
-            raise ConfigError(f"background.mode={mode!r}: allowed are 'solid' and 'learned'")
         self.mode, self.n_freqs = mode, n_freqs
         self.register_buffer("color", torch.tensor(list(color), dtype=torch.float32), persistent=False)
         if mode == "learned":

@@ -29,12 +29,8 @@ class MeshRenderer(Renderer):
                          "each ray; a rasteriser draws only the surface facing the camera"}
 
     def __init__(self, radius: float = 1.0, ambient: float = 0.1, diffuse: float = 0.9,
-                 implementation: str = "auto", band: float = 1.0, num_samples=None, skip_weight=None, occupancy=None):
-        # num_samples, skip_weight, occupancy: volume-rendering settings that a preset (prior=builtin)
-        # sets whichever renderer is chosen; a rasteriser takes no samples along rays, so it has no use for them.
-        super().__init__()
-        if not band > 0:
-            raise ConfigError(f"renderer.band={band!r}: the silhouette's blend band must be > 0 pixels (1.0 is usual)")
+                 implementation: str = "auto", band: float = 1.0):
+        super().__init__()  # settings checked in text23d/schema (RasterizeConfig)
         self.radius, self.ambient, self.diffuse, self.band = radius, ambient, diffuse, band
         self.implementation = accel.choose("renderer", implementation, "nvdiffrast")
         self._context = None

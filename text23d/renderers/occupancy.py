@@ -13,18 +13,12 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from text23d.errors import ConfigError
 
 
 class OccupancyGrid(nn.Module):
     def __init__(self, resolution: int = 32, radius: float = 1.0, threshold: float = 0.01, decay: float = 0.95,
                  update_every: int = 16, warmup_steps: int = 256):
         super().__init__()
-        if not (isinstance(resolution, int) and resolution >= 2 and 0 < decay < 1 and threshold >= 0
-                and isinstance(update_every, int) and update_every >= 1):
-            raise ConfigError(f"renderer.occupancy: resolution={resolution!r} (≥ 2), decay={decay!r} (in (0, 1)), "
-                              f"threshold={threshold!r} (≥ 0), update_every={update_every!r} (≥ 1) — "
-                              "e.g. renderer.occupancy.resolution=32")
         self.resolution, self.radius, self.threshold, self.decay = resolution, radius, threshold, decay
         self.update_every, self.warmup_steps = update_every, warmup_steps
         n = resolution**3

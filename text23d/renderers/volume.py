@@ -47,11 +47,6 @@ class VolumeRenderer(Renderer):
     def __init__(self, radius: float = 1.0, num_samples: int = 64, ambient: float = 0.1,
                  diffuse: float = 0.9, skip_weight: float = 1e-4, occupancy: dict | None = None):
         super().__init__()
-        if num_samples < 1:
-            raise ConfigError(f"renderer.num_samples={num_samples}: must be ≥ 1 (typical: 64)")
-        if not 0 <= skip_weight < 1:
-            raise ConfigError(f"renderer.skip_weight={skip_weight}: must be in [0, 1) "
-                              "(1e-4 skips empty and hidden samples; 0 shades every sample)")
         self.radius, self.num_samples = radius, num_samples
         self.ambient, self.diffuse = ambient, diffuse
         self.skip_weight = skip_weight

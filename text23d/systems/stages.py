@@ -1,15 +1,9 @@
-"""Stages: a system is an ordered list of them (Magic3D: hash-grid NeRF, then a DMTet mesh).
-
-`system.stages` names the stages to run, in order; `system.stage.<name>` holds what each changes
-from the system-level settings: steps, geometry, renderer, width, height, batch_size, optimizer
-(with per-parameter-group settings), loss weights, shading, guidance and camera overrides, and
-`init` (how it starts: `blob`, the geometry's own initial state, or `previous`, from the stage
-before), `freeze` (parameters it keeps as they are) and `lora` (VSD: `carry` the shared LoRA on, or
-`reset` it to its initial weights when the stage starts). A stage without a geometry or renderer of its own uses the top-level `geometry` and
-`renderer` groups. Step-dependent schedules count stage-local steps, and so do `resolution_milestones`:
-`width: [64, 512]` with milestones `[5000]` renders 64² for steps 0-4,999 of the stage, 512² from step
-5,000 (threestudio's spelling). A stage's `prompt_processor` sets its own view thresholds, and its
-`optimizer.param_groups` replace the system's (they name the stage's own parameters).
+"""Stages at run time: a system is an ordered list of them (Magic3D: hash-grid NeRF, then a DMTet
+mesh). Which stages run and what each changes is merged and checked in schema/stages.py; here each
+stage's parts are built, its steps allocated, its render size read per step, and its start made
+(`init: blob`, or `previous`: from the stage before; `freeze`; VSD's `lora: carry` or `reset`).
+Step-dependent schedules count stage-local steps, and so do `resolution_milestones`: `width: [64, 512]`
+with milestones `[5000]` renders 64² for steps 0-4,999 of the stage, 512² from step 5,000.
 """
 from __future__ import annotations
 
@@ -22,84 +16,11 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from torch import nn
 
-from text23d.config import check_render_schedule
 from text23d.errors import ConfigError
-from text23d.prompts.processor import VIEW_THRESHOLDS, check_thresholds
+from text23d.schema.stages import default_stages, stage_configs  # noqa: F401  (merged and checked there, without torch)
 
 log = logging.getLogger("text23d")
-STAGE_KEYS = ("steps", "geometry", "renderer", "width", "height", "resolution_milestones", "batch_size", "optimizer",
-              "loss", "shading", "guidance", "camera", "init", "background", "done", "freeze", "lora",
-              "prompt_processor")
-SYSTEM_DEFAULTS = ("width", "height", "batch_size", "optimizer", "loss", "shading", "background")
-MERGED = ("guidance", "camera", "loss", "shading", "optimizer", "prompt_processor")  # a stage changes some keys
-INITS = ("blob", "previous")
-LORA = ("carry", "reset")  # a VSD stage's LoRA: as the stage before left it, or as it was built
 
-
-def default_stages(system: str) -> list[str]:
-    """The stages a system runs by default, in order, as its YAML (conf/system/<name>.yaml) lists them."""
-    from importlib.resources import files
-
-    path = files("text23d.conf") / "system" / f"{system}.yaml"
-    if not system or not path.is_file():
-        return []
-    data = OmegaConf.load(str(path))
-    return list(OmegaConf.select(data, "system.stages", default=None) or data.get("stages") or [])
-
-
-def stage_configs(cfg: DictConfig) -> list[DictConfig]:
-    """One resolved config per stage to run: name, steps (None: from trainer.max_steps), geometry,
-    renderer, guidance, camera, and the system-level keys with the stage's changes merged in."""
-    s = cfg.system
-    names = list(s.get("stages") or ["main"])
-    library = s.get("stage") or {}
-    unknown = [n for n in names if n not in library and n != "main"]
-    if unknown or len(set(names)) != len(names):
-        usual = default_stages(str(s.get("name", ""))) or [n for n in library if n != "main"] or ["main"]
-        raise ConfigError(f"system.stages={names}: {'stages ' + str(unknown) + ' are not defined' if unknown else 'a stage is named twice'}"
-                          f"; defined are {list(library)}. Fix: system.stages=[{','.join(usual)}] (the system's own, "
-                          f"in order), or a part of it")
-    out = []
-    for k, name in enumerate(names):
-        own = library.get(name) or OmegaConf.create({})
-        bad = [key for key in own if key not in STAGE_KEYS]
-        if bad:
-            raise ConfigError(f"system.stage.{name} has unknown keys {bad}; allowed: {list(STAGE_KEYS)}")
-        merged = {key: s[key] for key in SYSTEM_DEFAULTS}
-        views = s.get("prompt_processor") or {}
-        merged.update({"name": name, "steps": None, "geometry": cfg.geometry, "renderer": cfg.renderer,
-                       "guidance": cfg.guidance, "camera": cfg.camera, "init": "previous" if k else "blob",
-                       "done": False, "freeze": [], "lora": "carry",  # done: made elsewhere (init_from), 0 steps here
-                       "resolution_milestones": s.get("resolution_milestones") or [],
-                       "prompt_processor": OmegaConf.create({key: views[key] for key in VIEW_THRESHOLDS if key in views})})
-        bad = [key for key in (own.get("prompt_processor") or {}) if key not in VIEW_THRESHOLDS]
-        if bad:
-            raise ConfigError(f"system.stage.{name}.prompt_processor has keys {bad}: a stage sets only its view "
-                              f"thresholds {list(VIEW_THRESHOLDS)}; the rest is the system's (system.prompt_processor)")
-        for key, value in own.items():
-            if key == "guidance" and value is not None and value.get("_target_") not in (None, merged[key]._target_):
-                merged[key] = value  # another kind of guidance (SDS in a VSD system): its own settings only
-            elif key in MERGED and value is not None:
-                # changes on top of the system's (a stage may add loss terms the system lacks)
-                base = OmegaConf.create(OmegaConf.to_container(merged[key], resolve=True))
-                merged[key] = OmegaConf.merge(base, value)
-                if key == "optimizer" and "param_groups" in value:  # they name this stage's parameters
-                    merged[key].param_groups = value.param_groups
-            else:
-                merged[key] = value
-        where = f"system.stage.{name}" if name in library else "system"
-        check_render_schedule(merged, where)
-        pp = merged["prompt_processor"]
-        check_thresholds(pp.get("front_threshold", 45.0), pp.get("back_threshold", 45.0),
-                         pp.get("overhead_threshold", 60.0), f"{where}.prompt_processor")
-        if merged["init"] not in INITS or (k == 0 and merged["init"] == "previous"):
-            raise ConfigError(f"system.stage.{name}.init={merged['init']!r}: allowed are {list(INITS)} "
-                              "('previous' only after a first stage)")
-        if merged["lora"] not in LORA:
-            raise ConfigError(f"system.stage.{name}.lora={merged['lora']!r}: allowed are {list(LORA)} (the LoRA "
-                              f"as the stages before left it, or re-initialised). Fix: system.stage.{name}.lora=carry")
-        out.append(OmegaConf.create(merged))
-    return out
 
 
 def render_size(stage_cfg: DictConfig, step: int, native: int) -> tuple[int, int]:
