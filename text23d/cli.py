@@ -347,6 +347,11 @@ def describe_hydra_error(e: BaseException, argv: list[str]) -> str:
 
     from hydra.errors import MissingConfigException, OverrideParseException
 
+    from text23d.schema import describe
+
+    said = describe(e.__cause__)  # a value of the wrong type for its schema field, worded from its rule
+    if said is not None:
+        return said
     text = str(e)
     missing = re.search(r"Could not find '([^']+)/([^'/]+)'", text)
     if isinstance(e, MissingConfigException) and missing:
