@@ -5,14 +5,14 @@ Before Hydra parses the command line, `rewrite_argv` does three things:
   argument as typed (commas, quotes, backslashes, emoji, `${...}`) and hand Hydra a quoted,
   escaped value, so nothing in a prompt is parsed as override syntax or interpolated. In a
   multirun (`-m`), commas separate prompts (`-m prompt="a cat","a dog"`: two jobs; a quoted piece
-  keeps its commas), and `prompt_file=prompts.txt` gives one job per line.
+  keeps its commas), and `prompt_file=prompts.txt` gives one job per line (text23d.overrides).
 - `resume=<run dir or ckpt>` and `export=<run dir or ckpt>` write into the run folder they name,
   instead of creating a new one (`export=X` is shorthand for `export.ckpt=X`).
 - user errors (text23d.errors.Text23dError) print one clear line and exit 2, no traceback; so do
   Hydra's own errors (an unknown key or option, override syntax), told in one line with the fix.
 
 A new run is checked before anything expensive loads (config.validate, then its folder: a run never
-starts in a folder that holds another run, see `check_new_run_folder`).
+starts in a folder that holds another run, see text23d.runfolder).
 """
 from __future__ import annotations
 
@@ -29,63 +29,16 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from text23d import config as _config  # noqa: F401  (registers the ${slug:} resolver)
-from text23d.config import escape_interpolations
 from text23d.errors import ConfigError, Text23dError
 from text23d.faults import Interrupted, RunStopped
+from text23d.overrides import literal, split_prompts, unquote
+from text23d.runfolder import check_new_run_folder, discard_refused_run
 
 log = logging.getLogger("text23d")
 FREE_TEXT_KEYS = ("prompt", "negative_prompt")  # their values are literal text, never config syntax
 _ORIGINAL_ARGV: list[str] = []
 _TASK_STARTED = False  # Hydra has composed the config and called _hydra_main
-RUN_RECORD = (".hydra", "text23d.log")  # what Hydra writes into a run folder as a run starts
 PRINT_ONLY = ("--help", "-h", "--hydra-help", "--cfg", "-c", "--info", "-i", "--shell-completion", "-sc")
-
-
-def hydra_quote(text: str) -> str:
-    """A Hydra override value that parses back to exactly `text`: single-quoted, with quotes
-    escaped and the backslashes that precede a quote (or the closing quote) doubled; Hydra keeps
-    every other backslash as it is."""
-    text = re.sub(r"(\\*)'", lambda m: m.group(1) * 2 + "\\'", text)
-    text = re.sub(r"(\\+)$", lambda m: m.group(1) * 2, text)
-    return f"'{text}'"
-
-
-def literal(text: str) -> str:
-    """Hydra override syntax for the literal string `text` (no interpolation, no parsing)."""
-    return hydra_quote(escape_interpolations(text))
-
-
-def split_prompts(value: str) -> list[str]:
-    """A multirun prompt list: pieces separated by commas outside quotes. A piece wrapped in
-    quotes is unquoted with Hydra's own rules (so it keeps its commas); other pieces are taken
-    as typed, without the spaces around them."""
-    pieces, start, quote, i = [], 0, None, 0
-    while i < len(value):
-        c = value[i]
-        if quote:
-            if c == "\\":
-                i += 1  # an escaped character cannot close the quote
-            elif c == quote:
-                quote = None
-        elif c in "'\"" and not value[start:i].strip():
-            quote = c  # a quote opens only at the start of a piece
-        elif c == ",":
-            pieces.append(value[start:i])
-            start = i + 1
-        i += 1
-    if quote:
-        raise ConfigError(f"prompt={value!r}: a quote ({quote}) is not closed. Fix: close it, or drop "
-                          "the quotes (in -m, quotes only keep a prompt's commas together)")
-    pieces.append(value[start:])
-    return [_unquote(p.strip()) for p in pieces]
-
-
-def _unquote(piece: str) -> str:
-    if len(piece) >= 2 and piece[0] == piece[-1] and piece[0] in "'\"":
-        from hydra.core.override_parser.overrides_parser import OverridesParser
-
-        return str(OverridesParser.create().parse_override(f"x={piece}").value())
-    return piece
 
 
 def read_prompt_file(path: str) -> list[str]:
@@ -193,19 +146,6 @@ def _hydra_main(cfg: DictConfig):
         raise SystemExit(2) from None
 
 
-def discard_refused_run(out_dir: Path) -> None:
-    """A new run refused before it trained leaves no folder behind: only Hydra's record and the log
-    are in it then (anything else, a checkpoint or a config.yaml, and it is kept)."""
-    import shutil
-
-    if out_dir.is_dir() and {p.name for p in out_dir.iterdir()} <= {".hydra", "text23d.log"}:
-        shutil.rmtree(out_dir, ignore_errors=True)
-        try:
-            out_dir.parent.rmdir()  # outputs/<system>/, if this run was its only one
-        except OSError:
-            pass
-
-
 def main() -> None:
     _ORIGINAL_ARGV[:] = sys.argv
     # A log file that cannot be written (a full disk) must not print a traceback per message:
@@ -274,55 +214,6 @@ def check_output_folders(argv: list[str]) -> None:
             check_writable(os.path.expanduser(value), key)
 
 
-# --- a new run never reuses another run's folder --------------------------------------------------
-
-def reuse_allowed(folder: Path) -> bool:
-    """Whether this process may start in `folder` although it already holds files. False: a new
-    run never silently continues or overwrites another (resume= is the way to continue one). The
-    hook for a launcher that restarts a job in its own folder: a requeued submitit job must
-    resume there. A DDP rank other than 0 may: Lightning starts ranks 1… by running the command
-    again with hydra.run.dir set to the folder rank 0 checked and has begun to fill."""
-    from text23d.faults import requeued
-
-    return ddp_rank() > 0 or requeued(folder)
-
-
-def ddp_rank() -> int:
-    """This process's rank in a DDP job (0 outside one), read from the environment as Lightning
-    reads it (its launcher, torchrun, SLURM), without importing it."""
-    for var in ("RANK", "LOCAL_RANK", "SLURM_PROCID", "JSM_NAMESPACE_RANK"):
-        if os.environ.get(var, "").isdigit():
-            return int(os.environ[var])
-    return 0
-
-
-def check_new_run_folder(folder: str, key: str | None) -> None:
-    """A new run's folder must be new or empty (Hydra's record of this start aside); ConfigError
-    otherwise, naming the folder and the fixes. `key`: the option that chose it (None: text23d's
-    own timestamped folder)."""
-    p = Path(folder).expanduser()
-    name = f"{key}={folder}" if key else f"the run folder {folder}"
-    if p.exists() and not p.is_dir():
-        raise ConfigError(f"{name} is a file, not a folder. Fix: pass a new or empty folder")
-    found = sorted(e.name for e in p.iterdir() if e.name not in RUN_RECORD) if p.is_dir() else []
-    if not found or reuse_allowed(p):
-        return
-    listing = ", ".join(found[:4]) + (", …" if len(found) > 4 else "")
-    other = (f"another {key}, new or empty" if key else "start again (a new time stamp)") + \
-            (" (unset: a new timestamped folder)" if key == "output_dir" else "")
-    if any((p / c).is_file() for c in ("ckpts/last.ckpt", "last.ckpt")):
-        done = (p / "summary.json").is_file()
-        how = f"resume={folder} trainer.max_steps=<more> to train it further" if done else f"resume={folder} to continue it"
-        raise ConfigError(f"{name} already holds a {'finished ' if done else ''}run ({listing}): a new run there would "
-                          f"overwrite it, and a run is never continued silently. Fix: text23d {how}, or {other}")
-    if any((p / c).exists() for c in ("ckpts", "config.yaml", "summary.json")):
-        raise ConfigError(f"{name} holds a run that stopped before its first checkpoint ({listing}): there is nothing "
-                          f"to resume, and a new run would overwrite its files. Fix: delete it (rm -r {folder}) to start "
-                          f"over there, or {other}")
-    raise ConfigError(f"{name} is not empty ({listing}): a run writes config.yaml, ckpts/, save/ and logs/ into its "
-                      f"folder, mixing with or overwriting these files. Fix: {other}")
-
-
 def check_not_reused(argv: list[str]) -> None:
     """Before Hydra writes its record (.hydra/) into a hydra.run.dir typed on the command line, and
     before torch loads for an output_dir: the folder of a new run must not hold another run. The
@@ -335,7 +226,7 @@ def check_not_reused(argv: list[str]) -> None:
     for key in ("hydra.run.dir", "output_dir"):
         value = given.get(key, "")
         if value and "${" not in value and value != "null":
-            check_new_run_folder(_unquote(value), key)
+            check_new_run_folder(unquote(value), key)
 
 
 # --- Hydra's own errors, in one line ----------------------------------------------------------------
