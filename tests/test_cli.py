@@ -212,3 +212,91 @@ def test_a_value_refused_before_training_leaves_no_run_folder(tmp_path):
                     f"output_root={tmp_path / 'out'}", cwd=tmp_path)
     assert code == 2 and "export.resolution=-1: must be an integer ≥ 2" in out and "Traceback" not in out
     assert not (tmp_path / "out" / "dreamfusion").exists()  # no half-made run to trip over later
+
+
+# --- the thin CLI: Hydra's errors, HYDRA_FULL_ERROR, checks that run once ------------------------
+
+def test_hydra_full_error_is_the_users_to_set(tmp_path):
+    """text23d never sets HYDRA_FULL_ERROR: a job sees the user's environment as it is. Without it,
+    an unknown key is one line; with the user's HYDRA_FULL_ERROR=1, Hydra shows it in full."""
+    code, out = cli("prompt=x", "+probe=${oc.env:HYDRA_FULL_ERROR,unset}", "--cfg", "job", "--resolve", cwd=tmp_path,
+                    env={"HYDRA_FULL_ERROR": "0"})
+    assert code == 0 and "probe: '0'" in out, out
+    code, out = cli("prompt=x", "trainer.max_stepz=5", f"output_root={tmp_path}", cwd=tmp_path, env={"HYDRA_FULL_ERROR": "0"})
+    assert code == 2 and "Traceback" not in out
+    assert [line for line in out.splitlines() if line.strip()] == [
+        "text23d: error: trainer.max_stepz=5: no such key (trainer has: " + out.split("(trainer has: ")[1].strip()]
+    code, out = cli("prompt=x", "trainer.max_stepz=5", f"output_root={tmp_path}", cwd=tmp_path, env={"HYDRA_FULL_ERROR": "1"})
+    assert code != 0 and "Traceback" in out and "max_stepz" in out and "text23d: error" not in out
+    assert not (tmp_path / "dreamfusion").exists()
+
+
+def _reworded(e: BaseException) -> BaseException:
+    """`e` with the same type and attributes but another message (and its cause's message too)."""
+    other = e.__class__.__new__(e.__class__)
+    other.__dict__.update(e.__dict__)
+    other.args = ("a message Hydra might word differently one day",)
+    if e.__cause__ is not None:
+        other.__cause__ = _reworded(e.__cause__)
+        if hasattr(other.__cause__, "msg"):
+            other.__cause__.msg = "reworded too"
+    return other
+
+
+@pytest.mark.parametrize("overrides,expect", [
+    (["prompt=x", "system=dreamfusio"], "system=dreamfusio: no such option. Available options in 'system': dreamfusion"),
+    (["prompt=x", "trainer.max_stepz=5"], "did you mean trainer.max_steps=5? Or +trainer.max_stepz=5"),
+    (["prompt=x", "geometri=grid"], "geometri=grid: no such key"),
+    (["prompt=x", "trainer.max_steps=[1,"], "cannot read the override 'trainer.max_steps=[1,'"),
+    (["prompt=x", "seed=abc"], "seed='abc': must be an integer in [0, 4294967295]"),  # the schema's type
+])
+def test_hydra_errors_are_told_from_their_types_not_their_wording(overrides, expect):
+    from hydra import compose, initialize_config_module
+    from hydra.errors import HydraException
+
+    from text23d.launch import describe_hydra_error
+
+    with initialize_config_module("text23d.conf", version_base="1.3"), pytest.raises(HydraException) as caught:
+        compose("config", overrides=overrides)
+    said = describe_hydra_error(caught.value, overrides)
+    assert expect in said and "Fix:" in said and "\n" not in said
+    assert describe_hydra_error(_reworded(caught.value), overrides) == said
+
+
+CHECKS_COUNTED = """
+import sys
+import text23d.run, text23d.runfolder as folders
+calls, real = [], folders.check_new_run_folder
+folders.check_new_run_folder = lambda *a: (calls.append(a), real(*a))[1]
+text23d.run.run = lambda cfg, overrides=None: {}  # what is checked before a run, not the run
+from text23d.cli import main
+sys.argv[0] = "text23d"
+main()
+print("folder checks:", [key for _, key in calls])
+"""
+
+
+@pytest.mark.parametrize("chosen", [True, False])
+def test_a_new_run_folder_is_checked_once(tmp_path, chosen):
+    """The pre-flight checks a folder the user chose, the job only text23d's own timestamped one
+    (named as the job starts): each exactly once."""
+    (tmp_path / "empty").mkdir()
+    folder = [f"output_dir={tmp_path / 'empty'}"] if chosen else []
+    p = subprocess.run([sys.executable, "-c", CHECKS_COUNTED, "prompt=x", "prior=builtin", f"output_root={tmp_path}",
+                        *folder], cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert f"folder checks: {['output_dir'] if chosen else [None]}" in p.stdout, p.stdout + p.stderr[-3000:]
+
+
+def test_a_sweep_goes_on_past_a_failed_job_and_names_its_summary_last(tmp_path):
+    missing = [str(tmp_path / "no-such-model-a"), str(tmp_path / "no-such-model-b")]
+    code, out = cli("-m", "prompt=a red cube", "prior=builtin", "debug=smoke", f"output_root={tmp_path}",
+                    f"prior.pretrained_model_name_or_path={','.join(missing)}", cwd=tmp_path)
+    [sweep] = list((tmp_path / "multirun").iterdir())
+    last = out.strip().splitlines()[-1]
+    assert code == 2 and "Traceback" not in out, out[-3000:]
+    assert last.startswith("text23d: error: prior ") and "no-such-model-a" in last
+    assert last.endswith(f"(2 of 2 jobs of the sweep failed. Every job's status: {sweep / 'sweep_summary.md'})")
+    jobs = json.loads((sweep / "sweep_summary.json").read_text())
+    assert [j["status"] for j in jobs] == ["failed", "failed"]  # both ran: the first failure did not stop the sweep

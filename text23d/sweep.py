@@ -174,7 +174,7 @@ class SweepSummary(Callback):
 
 
 
-# --- before a sweep starts: every job checked ----------------------------------------------------
+# --- the jobs of a sweep, before it starts (text23d.launch checks each) ---------------------------
 
 def sweep_jobs(argv: list[str]) -> tuple[list[list[str]], set[str]]:
     """The overrides of every job a multirun will launch, as Hydra's basic sweeper expands them (the
@@ -192,39 +192,6 @@ def sweep_jobs(argv: list[str]) -> tuple[list[list[str]], set[str]]:
         values = list(o.sweep_string_iterator()) if o.is_sweep_override() else [o.get_value_element_as_str()]
         lists.append([f"{key}={v}" for v in values])
     return [list(job) for job in itertools.product(*lists)], swept
-
-
-def check_sweep_jobs(argv: list[str]) -> None:
-    """A sweep composes and checks every job before the first one starts: a bad value in job 7 is
-    refused now, not after job 0 trained for an hour. Each job gets what a single run is checked for
-    before it starts (config.validate) and its stages' guidance settings."""
-    from hydra import compose, initialize_config_module
-    from hydra.errors import HydraException, InstantiationException
-    from hydra.utils import instantiate
-    from omegaconf.errors import OmegaConfBaseException
-
-    from text23d import config as tconfig
-    from text23d.errors import Text23dError
-    from text23d.systems.stages import stage_configs
-
-    jobs, swept_keys = sweep_jobs(argv)
-    here = not any(a.partition("=")[0].lstrip("+") == "hydra/launcher" and "submitit_slurm" in a for a in argv)
-    with initialize_config_module("text23d.conf", version_base="1.3"):
-        for k, job in enumerate(jobs):
-            try:
-                cfg = compose("config", overrides=job)
-                tconfig.check_resolves(cfg)
-                tconfig.validate(cfg, on_this_machine=here)  # a SLURM job's GPUs are its node's
-                for stage in stage_configs(cfg):
-                    try:
-                        instantiate(stage.guidance)
-                    except InstantiationException as e:  # the guidance's own refusal, wrapped by Hydra
-                        raise e.__cause__ if isinstance(e.__cause__, Text23dError) else e
-            except (HydraException, OmegaConfBaseException):
-                return  # Hydra says it itself, in one line (describe_hydra_error), when it composes
-            except Text23dError as e:
-                swept = [o for o in job if o.partition("=")[0] in swept_keys]
-                raise type(e)(f"job {k} of {len(jobs)} ({' '.join(swept) or ' '.join(job)}): {e} (no job was started)") from None
 
 
 if __name__ == "__main__":
