@@ -66,8 +66,8 @@ CASES = [
           "texture = Image.fromarray(np.round(image[..., ::-1] * 255).astype(np.uint8))",
           ("tests/test_vsd_run.py::test_vsd_on_the_builtin_prior_from_the_command_line_and_resume",)),
     Break("6", "exported mesh 15 % smaller than what the run renders", "text23d/export/artifacts.py",
-          "paths = save_textured(mesh, str(folder), stem, export_formats(system.cfg))",
-          "paths = save_textured(mesh.apply_scale(0.85), str(folder), stem, export_formats(system.cfg))",
+          "paths = save_textured(mesh, str(folder), stem, export_formats(ex))",
+          "paths = save_textured(mesh.apply_scale(0.85), str(folder), stem, export_formats(ex))",
           ("tests/test_magic3d.py::test_magic3d_on_the_builtin_prior_through_the_command",
            "tests/test_prolificdreamer.py::test_prolificdreamer_on_the_builtin_prior_through_the_command")),
 ]

@@ -78,8 +78,9 @@ def check_export(cfg: DictConfig) -> None:
     check_node(cfg.export, ExportConfig, "export")
 
 
-def export_formats(cfg: DictConfig) -> list[str]:
-    f = cfg.export.format
+def export_formats(export: DictConfig) -> list[str]:
+    """The mesh formats of an export block (export.format: one or a list)."""
+    f = export.format
     return [f] if isinstance(f, str) else list(f)
 
 

@@ -16,18 +16,20 @@ from text23d.export.video import make_grid, save_image, save_video, to_uint8
 log = logging.getLogger("text23d")
 
 
-def export_views(system, out_dir: Path, step: int) -> dict:
+def export_views(system, settings, out_dir: Path, step: int) -> dict:
     """The turntable and views of the stage a system is in, without a mesh: what a stage that
     hands over to the next leaves behind."""
-    return export_artifacts(system, out_dir, step, mesh=False)["artifacts"]
+    return export_artifacts(system, settings, out_dir, step, mesh=False)["artifacts"]
 
 
-def export_artifacts(system, out_dir: Path, step: int, mesh: bool = True, save_dir: Path | None = None) -> dict:
+def export_artifacts(system, settings, out_dir: Path, step: int, mesh: bool = True,
+                     save_dir: Path | None = None) -> dict:
     """Video + grid of the evaluation orbit and the mesh of every particle, under `out_dir/save/`.
     Needs only the 3D representation (no diffusion model): the same from a live run or a checkpoint.
     One particle: save/it<N>-test.{mp4,png}, save/it<N>-export/model.{obj,glb}. Several: the same
     with a -particle<i> / particle<i> tag each, and save/it<N>-particles.png side by side. A system
     of several stages prefixes each name with the stage that made it (save/fine-it<N>-test.mp4).
+    `settings`: the export block (ExportConfig), handed in: export never reads the system's config.
     `save_dir`: another folder for all of them (a re-export's exports/<n>/)."""
     save = Path(save_dir) if save_dir is not None else Path(out_dir) / "save"
     system.eval()
@@ -36,7 +38,7 @@ def export_artifacts(system, out_dir: Path, step: int, mesh: bool = True, save_d
     artifacts, metrics, rows = {}, {}, []
     for i in range(n):
         tag = "" if n == 1 else f"-particle{i}"
-        a, m, views = _export_particle(system, i, save, step, tag, stage, mesh)
+        a, m, views = _export_particle(system, settings, i, save, step, tag, stage, mesh)
         rows.append([to_uint8(v["rgb"]) for v in views])
         if n == 1:
             artifacts, metrics = a, m
@@ -51,9 +53,8 @@ def export_artifacts(system, out_dir: Path, step: int, mesh: bool = True, save_d
     return {"artifacts": artifacts, "metrics": metrics}
 
 
-def _export_particle(system, i: int, save: Path, step: int, tag: str, stage: str,
+def _export_particle(system, ex, i: int, save: Path, step: int, tag: str, stage: str,
                      mesh: bool) -> tuple[dict, dict, list]:
-    ex = system.cfg.export
     particle, radius = system.particles[i], system.renderer.radius
     video = ex.get("video", True)  # false: no turntable (a machine without ffmpeg), the 8-view grid still
     views = system.render_views(system.camera_sampler.orbit(ex.video_views if video else 8), ex.video_resolution,
@@ -68,7 +69,7 @@ def _export_particle(system, i: int, save: Path, step: int, tag: str, stage: str
     if not mesh:
         return {k: str(v) for k, v in artifacts.items()}, {}, picks
     if hasattr(particle.geometry, "mesh"):  # a mesh geometry exports its own surface: no level to choose
-        return _export_own_mesh(system, particle, save, step, tag, stage, artifacts, picks, i)
+        return _export_own_mesh(system, ex, particle, save, step, tag, stage, artifacts, picks, i)
     threshold, metrics = ex.isosurface_threshold, {}
     if threshold == "auto":
         threshold, iou = auto_threshold(particle.geometry, system.camera_sampler.orbit(8), radius)
@@ -82,18 +83,17 @@ def _export_particle(system, i: int, save: Path, step: int, tag: str, stage: str
         return composited_colors(geometry.density, geometry.albedo, points, normals, radius, start)
 
     metrics["isosurface_threshold"] = float(threshold)
-    return _save_particle_mesh(system, mesh, colour, save, step, tag, stage, artifacts, metrics, picks, i)
+    return _save_particle_mesh(system, ex, mesh, colour, save, step, tag, stage, artifacts, metrics, picks, i)
 
 
-def _save_particle_mesh(system, mesh, colour, save, step, tag, stage, artifacts, metrics, picks, i):
+def _save_particle_mesh(system, ex, mesh, colour, save, step, tag, stage, artifacts, metrics, picks, i):
     """Write one particle's mesh: textured (UV atlas, baked albedo) or with vertex colours."""
-    ex = system.cfg.export
     stem = "model" if not tag else f"particle{i}"
     folder = save / f"{stage}it{step:06d}-export"
     device = _device_of(system)
     if ex.get("texture", False):
         mesh, info = textured_mesh(mesh, colour, ex.texture_size, ex.get("target_faces"), device)
-        paths = save_textured(mesh, str(folder), stem, export_formats(system.cfg))
+        paths = save_textured(mesh, str(folder), stem, export_formats(ex))
         metrics.update(info)
     else:
         verts = torch.tensor(np.asarray(mesh.vertices), dtype=torch.float32, device=device)
@@ -103,7 +103,7 @@ def _save_particle_mesh(system, mesh, colour, save, step, tag, stage, artifacts,
             rgba[:, :3] = to_rgb8(torch.cat([colour(v, n) for v, n in zip(verts.split(65536), normals.split(65536))])
                                   .cpu().numpy())
         mesh.visual.vertex_colors = rgba
-        paths = save_mesh(mesh, str(folder), stem, export_formats(system.cfg))
+        paths = save_mesh(mesh, str(folder), stem, export_formats(ex))
         metrics.update({"mesh_vertices": len(mesh.vertices), "mesh_faces": len(mesh.faces)})
     artifacts.update({f"mesh_{fmt}": p for fmt, p in paths.items()})
     return {k: str(v) for k, v in artifacts.items()}, metrics, picks
@@ -114,12 +114,12 @@ def _device_of(system) -> torch.device:
 
 
 @torch.no_grad()
-def _export_own_mesh(system, particle, save, step, tag, stage, artifacts, picks, i):
+def _export_own_mesh(system, ex, particle, save, step, tag, stage, artifacts, picks, i):
     """A mesh geometry (DMTet): its marching-tetrahedra surface, coloured by its albedo field on
     the surface itself, which is what the rasteriser shows."""
     import trimesh
 
     verts, faces = particle.geometry.mesh()
     mesh = trimesh.Trimesh(verts.cpu().numpy(), faces.cpu().numpy(), process=False)
-    return _save_particle_mesh(system, mesh, lambda points, normals: particle.geometry.albedo(points), save, step,
-                               tag, stage, artifacts, {}, picks, i)
+    return _save_particle_mesh(system, ex, mesh, lambda points, normals: particle.geometry.albedo(points), save,
+                               step, tag, stage, artifacts, {}, picks, i)

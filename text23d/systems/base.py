@@ -393,7 +393,7 @@ class BaseSystem(L.LightningModule):
         from text23d.export.artifacts import export_views
 
         if outputs is None and self.global_rank == 0:
-            outputs = export_views(self, self.out_dir, self.global_step)
+            outputs = export_views(self, self.cfg.export, self.out_dir, self.global_step)
         if final_loss is None and self._trainer is not None:
             loss = self.trainer.callback_metrics.get("train/loss")
             final_loss = float(loss) if loss is not None else None
