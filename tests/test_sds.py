@@ -336,8 +336,9 @@ def test_what_a_guidance_declares():
         assert "text_plain" not in kind().needs and "text_plain" in kind(view_guidance_scale=30.0).needs
         assert {"rgb", "text"} <= kind(view_guidance_scale=30.0).needs
     assert VSDGuidance(view_guidance_scale=30.0).needs >= {"camera_pose", "lora_training"}
-    for kind, usual in ((SDSGuidance, "100.0"), (VSDGuidance, "7.5")):
-        with pytest.raises(ConfigError, match=rf"Fix: e.g. guidance.guidance_scale={usual}$"):
+    for kind, usual in ((SDSGuidance, r"100 \(SDS on Stable Diffusion; 20 on DeepFloyd IF; 7.5 on the built-in prior"),
+                        (VSDGuidance, "7.5$")):
+        with pytest.raises(ConfigError, match=rf"Fix: e.g. guidance.guidance_scale={usual}"):
             check_settings(kind, guidance_scale=-1.0)
 
 

@@ -1,4 +1,4 @@
-"""A progress bar counted in optimisation steps (with rate and ETA), not in epochs."""
+"""One progress bar, counted in optimisation steps (with rate and ETA), not in epochs."""
 from __future__ import annotations
 
 from lightning.pytorch.callbacks import TQDMProgressBar
@@ -6,11 +6,18 @@ from lightning.pytorch.callbacks.progress.tqdm_progress import _update_n
 
 
 class StepProgressBar(TQDMProgressBar):
+    """Lightning's bar, shown once as "steps" (never "Training", then "Epoch 0"), its total the run's
+    steps; a resumed run's bar starts at the step it resumes from, so its rate and ETA count only the
+    steps this process makes (never a negative it/s)."""
+
+    @property
+    def train_description(self) -> str:
+        return "steps"
+
     def on_train_epoch_start(self, trainer, *_) -> None:
-        super().on_train_epoch_start(trainer)
         bar = self.train_progress_bar
         bar.reset(total=trainer.max_steps)
-        bar.initial = trainer.global_step  # a resumed run starts part-way, the ETA stays right
+        bar.initial = bar.n = bar.last_print_n = trainer.global_step
         bar.set_description("steps")
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:

@@ -52,8 +52,6 @@ def check_run(cfg: DictConfig, on_this_machine: bool = True) -> None:
     check_node(cfg, RunConfig, "")
     for key in ("geometry", "renderer", "guidance"):
         check_part(cfg[key], key)
-    for key in ("prompt_processor", "background"):
-        check_part(cfg.system.get(key), f"system.{key}")
     stage_configs(cfg)  # each stage's merged settings, checked as it is merged
     check_machine(cfg.trainer, on_this_machine)
 

@@ -33,7 +33,7 @@ def option(default, help: str, *, choices: tuple | None = None, ge=None, gt=None
            rule: Callable | None = None, fix: str | None = None, allowed: str | None = None, part: bool = False):
     """A dataclass field with its help and its rule. `rule(value, key)` raises ConfigError for what
     the bounds cannot say; `allowed` says in words what a rule accepts (the config reference shows
-    it); `fix` is the example a refusal suggests (default: the default); `part`: the value is another
+    it); `fix` is the example a refusal suggests, "{key}=…" (default: the default); `part`: the value is another
     part's settings (a DMTet's colour field), checked by its own schema."""
     meta = {"help": help, "choices": choices, "ge": ge, "gt": gt, "le": le, "lt": lt, "rule": rule, "fix": fix,
             "allowed": allowed, "part": part}
@@ -103,7 +103,7 @@ def requirement(f) -> str:
 def example(f, key: str) -> str:
     """The fix a refusal suggests for a field: its `fix`, else `key=<default>`."""
     if f.metadata.get("fix"):
-        return f.metadata["fix"]
+        return f.metadata["fix"].format(key=key)
     default = f.default if f.default is not MISSING else f.default_factory() if f.default_factory is not MISSING else None
     shown = "null" if default is None else str(default).lower() if isinstance(default, bool) else \
         "[" + ",".join(str(v) for v in default) + "]" if isinstance(default, list) else default

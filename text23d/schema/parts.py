@@ -129,7 +129,9 @@ class GuidanceConfig:
     """What every score distillation shares: timesteps, their schedule, w(t), CFG (guidance/base.py)."""
 
     _target_: str = option("", "the guidance's class")
-    guidance_scale: float = option(100.0, "classifier-free guidance scale", ge=0)
+    guidance_scale: float = option(100.0, "classifier-free guidance scale", ge=0,
+                                   fix="{key}=100 (SDS on Stable Diffusion; 20 on DeepFloyd IF; 7.5 on the built-in "
+                                       "prior, and for VSD)")
     min_step_percent: float = option(0.02, "t ~ U[min, max]·T", gt=0, lt=1)
     max_step_percent: Any = option(0.98, "the top of t's range", rule=max_step_rule,
                                    allowed="a number in (min_step_percent, 1], or a ramp [start_step, start_value, "
@@ -169,11 +171,12 @@ class VSDConfig(GuidanceConfig):
     """Variational score distillation with a camera-conditioned LoRA (ProlificDreamer eq. 9; guidance/vsd.py)."""
 
     _target_: str = option("text23d.guidance.vsd.VSDGuidance", "the guidance's class")
-    guidance_scale: float = option(7.5, "CFG of the pretrained term: VSD works at a normal scale", ge=0)
+    guidance_scale: float = option(7.5, "CFG of the pretrained term: VSD works at a normal scale", ge=0,
+                                   fix="{key}=7.5")
     lora_guidance_scale: float = option(1.0, "CFG of the LoRA term (1.0: conditional only)", ge=0)
     anneal_at_fraction: float = option(0.2, "… after this fraction of the stage's steps", ge=0, le=1)
     lora_rank: int = option(4, "LoRA rank on to_q/to_k/to_v/to_out.0 (4-16 is usual)", ge=1)
-    lora_lr: float = option(1e-4, "the LoRA's AdamW learning rate", gt=0, fix="lora_lr=1e-4")
+    lora_lr: float = option(1e-4, "the LoRA's AdamW learning rate", gt=0, fix="{key}=1e-4")
     lora_steps: int = option(1, "LoRA updates per 3D step", ge=1)
     camera_drop_prob: float = option(0.1, "the camera is zeroed this often while training the LoRA", ge=0, le=1)
     lora_pretrained_model_name_or_path: Optional[str] = option(

@@ -9,7 +9,8 @@ from omegaconf import MISSING
 
 from text23d.errors import ConfigError
 from text23d.schema.core import as_list, nested, number_or_ramp, option
-from text23d.schema.parts import GEOMETRIES, GUIDANCES, RENDERERS, CameraConfig, PriorConfig
+from text23d.schema.parts import (GEOMETRIES, GUIDANCES, RENDERERS, BackgroundConfig, CameraConfig, PriorConfig,
+                                   PromptProcessorConfig)
 
 SEED_MAX = 2**32 - 1
 MESH_FORMATS = ("obj", "glb")  # the one list: export/mesh.py writes these
@@ -306,8 +307,8 @@ class SystemConfig:
     height: Any = option(64, "training render height", rule=size_rule(4), allowed="as width")
     resolution_milestones: Any = option([], "stage-local steps where the render size moves to the list's next entry",
                                         allowed="increasing integers ≥ 1")
-    prompt_processor: Any = option(None, "view-dependent prompts (prompts/processor.py)")
-    background: Any = option(None, "learned (an MLP of the view direction) or a solid colour")
+    prompt_processor: PromptProcessorConfig = nested(PromptProcessorConfig, "view-dependent prompts")
+    background: BackgroundConfig = nested(BackgroundConfig, "learned (an MLP of the view direction) or a solid colour")
     shading: Any = option(None, "albedo-only steps, then albedo / textureless / lambertian at random", rule=shading_rule,
                           allowed="{ambient_only_steps, albedo_prob, textureless_prob, normal_prob}")
     optimizer: Any = option(None, "torch optimizer and per-prefix param_groups", rule=optimizer_rule,

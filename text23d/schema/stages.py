@@ -75,7 +75,7 @@ def stage_configs(cfg: DictConfig) -> list[DictConfig]:
                 merged[key] = value
         check_render_schedule(merged, where)
         check_node(merged["prompt_processor"], PromptProcessorConfig, f"{where}.prompt_processor")
-        for part in ("geometry", "renderer", "guidance", "camera"):
+        for part in ("geometry", "renderer", "guidance", "camera", "background"):
             if key_changed(own, part):
                 check_part(merged[part], f"{where}.{part}")
         if k == 0 and merged["init"] == "previous":
