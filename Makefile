@@ -63,7 +63,7 @@ real-shapes: setup
 # A GPU machine without a package registry: fetch here the wheels it lacks (CPython 3.12, x86-64) into
 # .whl/, carry that folder along, and run `make gpu-check` there (no venv: the machine's own torch).
 GPU_WHEELS := diffusers==0.42.1 hydra-core==1.3.8 omegaconf==2.3.1 trimesh==5.2.0 PyMCubes==0.1.6 \
-	xatlas==0.0.11 fast-simplification==0.2.0
+	xatlas==0.0.11 fast-simplification==0.2.0 anyascii==0.3.3
 GPU_PLATFORMS := $(foreach p,manylinux_2_28_x86_64 manylinux_2_17_x86_64 manylinux2014_x86_64 manylinux1_x86_64,--platform $(p))
 gpu-wheels: setup
 	$(PY) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \

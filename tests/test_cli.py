@@ -97,9 +97,11 @@ def test_hostile_prompt_runs_into_a_safe_folder_inside_outputs(tiny_latent_model
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["prompt"] == prompt
     assert not (tmp_path / "etc").exists()
-    # Lightning's lines print once, in Hydra's format, and reach the run's log file too.
-    assert sum("GPU available" in line for line in out.splitlines()) == 1, out
-    assert "GPU available" in (run_dir / "text23d.log").read_text()
+    # text23d's summary line prints once, and reaches the run's log file too; Lightning's start-up INFO
+    # (GPU/TPU available, its cloud-logger advertisement) is not printed (tests/test_console.py).
+    assert sum("text23d: dreamfusion on" in line for line in out.splitlines()) == 1, out
+    assert "text23d: dreamfusion on" in (run_dir / "text23d.log").read_text()
+    assert "GPU available" not in out
 
 
 def _sweep(tiny_latent_model, tmp_path, *launcher):
@@ -268,7 +270,8 @@ import sys
 import text23d.run, text23d.runfolder as folders
 calls, real = [], folders.check_new_run_folder
 folders.check_new_run_folder = lambda *a: (calls.append(a), real(*a))[1]
-text23d.run.run = lambda cfg, overrides=None: {}  # what is checked before a run, not the run
+# what is checked before a run, not the run; the run is told the config was checked (it does not check again)
+text23d.run.run = lambda cfg, overrides=None, checked=False: print("run told checked:", checked) or {}
 from text23d.cli import main
 sys.argv[0] = "text23d"
 main()
@@ -287,6 +290,7 @@ def test_a_new_run_folder_is_checked_once(tmp_path, chosen):
                        env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert p.returncode == 0, p.stderr[-3000:]
     assert f"folder checks: {['output_dir'] if chosen else [None]}" in p.stdout, p.stdout + p.stderr[-3000:]
+    assert "run told checked: True" in p.stdout
 
 
 def test_a_sweep_goes_on_past_a_failed_job_and_names_its_summary_last(tmp_path):

@@ -91,6 +91,14 @@ def test_slug_keeps_simple_prompts_readable_and_distinguishes_long_ones():
     assert slugify("x" * 100 + "a") != slugify("x" * 100 + "b")
 
 
+@pytest.mark.parametrize("text,readable", [("一个菠萝", "YiGeBoLuo"), ("كوب أحمر", "kwb_hmr"), ("🍍 a pineapple", "pineapple_a_pineapple"),
+                                           ("Ελληνικά", "Ellinika"), ("café", "cafe")])
+def test_a_prompt_in_any_script_gets_a_readable_folder_name(text, readable):
+    """Transliterated (anyascii), not dropped: no prompt becomes untitled-<hash> for being non-Latin."""
+    slug = slugify(text)
+    assert slug.startswith(readable + "-") and len(slug) == len(readable) + 9
+
+
 @pytest.mark.parametrize("override,match", [
     ("export.resolution=-1", r"export.resolution=-1: must be an integer in \[2, 1024\]. Fix: e.g. export.resolution=128"),
     ("export.resolution=100000", r"export.resolution=100000: must be an integer in \[2, 1024\]. Fix: e.g. export.resolution=128"),

@@ -34,7 +34,7 @@ def test_both_stages_run_in_one_command_and_every_artefact_says_which(straight):
     assert [s["name"] for s in summary["stages"]] == ["coarse", "fine"]
     assert [s["steps"] for s in summary["stages"]] == [4, 2]  # 6 steps split 10000 : 5000
     for s in summary["stages"]:
-        assert s["wall_time_s"] > 0 and s["final_loss"] is not None and Path(s["outputs"]["video"]).is_file()
+        assert s["train_time_s"] > 0 and s["final_loss"] is not None and Path(s["outputs"]["video"]).is_file()
     save = sorted(p.name for p in (out / "save").iterdir())
     assert "coarse-it000004-test.mp4" in save and "fine-it000006-test.mp4" in save
     assert any(n.startswith("coarse-it") and n.endswith("-val.png") for n in save)

@@ -42,7 +42,8 @@ def test_every_particle_goes_through_the_three_stages_and_is_exported_textured(t
     assert [(s["name"], s["steps"]) for s in summary["stages"]] == [("nerf", 2), ("geometry", 1), ("texture", 3)]
     assert summary["system"] == "prolificdreamer"
     for s in summary["stages"]:
-        assert s["wall_time_s"] > 0 and s["final_loss"] is not None
+        assert s["train_time_s"] > 0 and s["final_loss"] is not None
+    assert summary["train_time_s"] == round(sum(s["train_time_s"] for s in summary["stages"]), 2)
     particles = summary["artifacts"]["particles"]
     assert len(particles) == 2 and particles[0]["mesh_glb"] != particles[1]["mesh_glb"]
     for p in particles:

@@ -108,7 +108,7 @@ def _hydra_main(cfg: DictConfig):
         from text23d.run import run
 
         # Unresolved: reading the list item by item would resolve the escaped `\${` of a prompt.
-        return run(cfg, overrides=overrides)
+        return run(cfg, overrides=overrides, checked=True)  # the pre-flight checked this very config
     except Text23dError as e:  # a refusal, or a stop with the state saved (faults.RunStopped)
         log.error("%s", e)
         if sweep and not isinstance(e, Interrupted):  # a signal ends the whole sweep, other errors one job

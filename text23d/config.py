@@ -15,10 +15,13 @@ SLUG_MAX = 48
 
 def slugify(text: str, max_len: int = SLUG_MAX) -> str:
     """A safe, short folder name for user text: ASCII letters, digits, '_' and '-' only, so no
-    path separators, '..', emoji or control characters reach the file system. A hash is appended
-    whenever information was lost, so different long prompts still get different folders."""
+    path separators, '..', emoji or control characters reach the file system. Other scripts are
+    transliterated (anyascii: 一个菠萝 → YiGeBoLuo, 🍍 → pineapple), not dropped. A hash is
+    appended whenever information was lost, so different long prompts still get different folders."""
+    from anyascii import anyascii
+
     text = str(text)
-    ascii_text = unicodedata.normalize("NFKD", text).encode("ascii", "ignore").decode()
+    ascii_text = anyascii(unicodedata.normalize("NFC", text))
     slug = re.sub(r"[^A-Za-z0-9-]+", "_", ascii_text).strip("_-")
     lossy = slug.replace("_", " ") != text.strip() or len(slug) > max_len
     slug = slug[:max_len].rstrip("_-") or "untitled"

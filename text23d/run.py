@@ -53,33 +53,37 @@ class Plan:
     started: float = field(default_factory=time.time)  # wall_time_s counts from here
 
 
-def run(cfg: DictConfig, overrides: list[str] | None = None, callbacks: list | None = None) -> dict:
-    """Train (or resume, or only export) as `cfg` says; returns the run summary (also on disk)."""
+def run(cfg: DictConfig, overrides: list[str] | None = None, callbacks: list | None = None,
+        checked: bool = False) -> dict:
+    """Train (or resume, or only export) as `cfg` says; returns the run summary (also on disk).
+    `checked`: the caller has checked `cfg` against its schema already (the CLI's pre-flight)."""
     if cfg.export.get("ckpt"):
         return export_only(cfg, overrides)
     started = time.time()
-    plan = resolve(cfg, overrides or [])
+    plan = resolve(cfg, overrides or [], checked)
     if plan.finished is not None:  # nothing to train: a no-op, nothing overwritten
         return plan.finished
     plan.started = started
     system, trainer, watch = build(plan, callbacks or [])
-    train_time = fit(plan, system, trainer, watch)
+    fit(plan, system, trainer, watch)
     if not trainer.is_global_zero:  # DDP: rank 0 exports and writes the summary
         return {"rank": trainer.global_rank, "steps": trainer.global_step, "output_dir": str(plan.out_dir)}
     exported = export(plan, system, trainer.global_step)
-    return summarise(plan, system, trainer, exported, train_time)
+    return summarise(plan, system, trainer, exported)
 
 
-def resolve(cfg: DictConfig, overrides: list[str]) -> Plan:
-    """The config this run runs: a resumed run's own (with only how it runs changed), or `cfg`,
-    checked against its schema; the later stages' start when init_from names another run."""
+def resolve(cfg: DictConfig, overrides: list[str], checked: bool = False) -> Plan:
+    """The config this run runs: a resumed run's own (with only how it runs changed, checked as
+    it is read), or `cfg`, checked against its schema unless the caller did; the later stages'
+    start when init_from names another run."""
     ckpt, start_step = None, 0
     if cfg.get("resume"):
         cfg, ckpt, start_step = resume_config(cfg, overrides)
         finished = finished_summary(cfg, start_step)
         if finished is not None:
             return Plan(cfg, Path(cfg.output_dir), ckpt, start_step, finished=finished)
-    tconfig.validate(cfg)
+    elif not checked:
+        tconfig.validate(cfg)
     if not cfg.get("output_dir"):
         raise ConfigError("output_dir is not set: pass output_dir=/some/folder (the CLI sets it for you)")
     cfg, source = init_from.prepare(cfg) if not ckpt else (cfg, None)
@@ -96,7 +100,7 @@ def build(plan: Plan, callbacks: list):
             for leftover in remove_leftovers(out_dir):
                 log.info("removed %s, left by a process killed while writing", leftover)
         write_text_atomic(out_dir / "config.yaml", tconfig.resolved_yaml(cfg))
-        faults.mark_job(out_dir)  # a submitit job requeued later finds its own folder (cli.reuse_allowed)
+        faults.mark_job(out_dir)  # a submitit job requeued later finds its own folder (runfolder.reuse_allowed)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     if cfg.deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
@@ -110,9 +114,8 @@ def build(plan: Plan, callbacks: list):
     return system, trainer, watch
 
 
-def fit(plan: Plan, system, trainer: L.Trainer, watch) -> float:
-    """Every stage, from the checkpoint when resuming; the seconds it took."""
-    start = time.time()
+def fit(plan: Plan, system, trainer: L.Trainer, watch) -> None:
+    """Every stage, from the checkpoint when resuming."""
     try:
         with warnings.catch_warnings():
             # Our loader yields step indices only (cameras are drawn in the step, RNG restored from the
@@ -125,7 +128,6 @@ def fit(plan: Plan, system, trainer: L.Trainer, watch) -> float:
                                  f"checkpoint saved; nothing was exported. Resume with: text23d resume={plan.out_dir}") from None
     finally:
         watch.uninstall()
-    return time.time() - start
 
 
 def export(plan: Plan, system, step: int) -> dict:
@@ -137,15 +139,18 @@ def export(plan: Plan, system, step: int) -> dict:
     return exported
 
 
-def summarise(plan: Plan, system, trainer: L.Trainer, exported: dict, train_time: float) -> dict:
-    """summary.json (what the run made, its metrics and files) and index.html, the run's page."""
+def summarise(plan: Plan, system, trainer: L.Trainer, exported: dict) -> dict:
+    """summary.json (what the run made, its metrics and files) and index.html, the run's page.
+    train_time_s: the stages' training, across resumes (their sum); wall_time_s: this process, from
+    its start to the summary (loading and export included)."""
     cfg, out_dir = plan.cfg, plan.out_dir
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
     summary = {
         "prompt": cfg.prompt, "system": cfg.system.name, "steps": trainer.global_step,
         "world_size": trainer.world_size,  # DDP processes: each drew its own views every step
         "resumed_from": str(plan.ckpt) if plan.ckpt else None,
-        "wall_time_s": round(time.time() - plan.started, 2), "train_time_s": round(train_time, 2),
+        "wall_time_s": round(time.time() - plan.started, 2),
+        "train_time_s": round(sum(s.get("train_time_s", s.get("wall_time_s", 0.0)) for s in system.stage_log), 2),
         "final_loss": metrics.get("train/loss"), "metrics": {**metrics, **exported["metrics"]},
         "stages": system.stage_log,
         "artifacts": {**exported["artifacts"], "checkpoint": str(out_dir / "ckpts" / "last.ckpt"),

@@ -23,7 +23,7 @@ log = logging.getLogger("text23d")
 def resume_config(cfg: DictConfig, overrides: list[str]) -> tuple[DictConfig, Path, int]:
     """The saved config of the run being resumed, plus any explicit command-line overrides
     (e.g. trainer.max_steps=20000 to extend it). Output goes to the original run folder."""
-    ckpt = find_checkpoint(cfg.resume)
+    ckpt = find_checkpoint(cfg.resume).resolve()  # absolute: output_dir and resumed_from stay valid from any folder
     data = load_checkpoint_file(ckpt)
     check_version(ckpt, data)
     saved = OmegaConf.create(data["text23d"]["config"])
@@ -83,17 +83,26 @@ def check_saved_config(ckpt: Path, cfg: DictConfig) -> None:
     needs is missing, a class it names is gone: another version made it) is told in one line."""
     import importlib
 
+    from text23d.schema import missing_keys
+
+    def unusable(why: str) -> CheckpointError:
+        return CheckpointError(
+            f"'{ckpt}' was made by a text23d whose config this version cannot use ({why}). Fix: "
+            f"resume or export it with the version that made it (its settings: {run_dir_of(ckpt) / 'config.yaml'}), "
+            "or start a new run")
+
+    missing = missing_keys(cfg)
+    if missing:
+        raise unusable(f"Missing key {missing[0]}")
     try:
         tconfig.validate(cfg)
         module, _, name = str(cfg.system._target_).rpartition(".")
         if not hasattr(importlib.import_module(module), name):
             raise ImportError(f"{module} has no {name}")
-    except (OmegaConfBaseException, ImportError, ValueError) as e:
-        why = f"system._target_={cfg.system._target_}: {e}" if isinstance(e, (ImportError, ValueError)) else str(e).splitlines()[0]
-        raise CheckpointError(
-            f"'{ckpt}' was made by a text23d whose config this version cannot use ({why}). Fix: "
-            f"resume or export it with the version that made it (its settings: {run_dir_of(ckpt) / 'config.yaml'}), "
-            "or start a new run") from None
+    except (ImportError, ValueError) as e:
+        raise unusable(f"system._target_={cfg.system._target_}: {e}") from None
+    except OmegaConfBaseException as e:
+        raise unusable(str(e).splitlines()[0]) from None
 
 
 def finished_summary(cfg: DictConfig, step: int) -> dict | None:
@@ -146,7 +155,7 @@ def load_system(ckpt_or_dir, export_overrides: dict | None = None):
 
 def load_run(ckpt_or_dir, export_overrides: dict | None = None):
     """load_system's (system, step, checkpoint), and the export settings the run saved."""
-    ckpt = find_checkpoint(ckpt_or_dir)
+    ckpt = find_checkpoint(ckpt_or_dir).resolve()
     data = load_checkpoint_file(ckpt)
     check_version(ckpt, data)
     saved = OmegaConf.create(data["text23d"]["config"])

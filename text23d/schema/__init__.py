@@ -17,6 +17,8 @@ from dataclasses import fields, is_dataclass
 
 from omegaconf import DictConfig, OmegaConf
 
+from text23d.errors import ConfigError
+
 from text23d.schema.core import KINDS, OTHER_PARTS, base_type, by_target, check_node, check_part, refuse  # noqa: F401 (the API)
 from text23d.schema.parts import GEOMETRIES, GUIDANCES, OTHERS, RENDERERS
 from text23d.schema.run import RunConfig, check_machine
@@ -49,11 +51,28 @@ def add_kind(group: str, name: str, cls) -> None:
 def check_run(cfg: DictConfig, on_this_machine: bool = True) -> None:
     """Every value of a composed run config, before anything expensive happens. `on_this_machine`
     False: a job a cluster launcher runs elsewhere (its GPUs are not this machine's)."""
+    missing = missing_keys(cfg)
+    if missing:
+        raise ConfigError(f"Missing key {missing[0]}: every run's config has it (conf/config.yaml). Fix: compose the "
+                          "config with text23d.config.compose([...]) rather than by hand")
     check_node(cfg, RunConfig, "")
     for key in ("geometry", "renderer", "guidance"):
         check_part(cfg[key], key)
     stage_configs(cfg)  # each stage's merged settings, checked as it is merged
     check_machine(cfg.trainer, on_this_machine)
+
+
+def missing_keys(cfg, schema=RunConfig, where: str = "") -> list[str]:
+    """The keys of `schema` (and of its nested blocks) that `cfg` lacks: a config another version
+    wrote, or one built by hand. A composed config has them all."""
+    out = []
+    for f in fields(schema):
+        key = f"{where}.{f.name}" if where else f.name
+        if f.name not in cfg:
+            out.append(key)
+        elif is_dataclass(base_type(f.type)[0]) and cfg[f.name] is not None:
+            out += missing_keys(cfg[f.name], base_type(f.type)[0], key)
+    return out
 
 
 def describe(error) -> str | None:

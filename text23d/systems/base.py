@@ -97,7 +97,7 @@ class BaseSystem(L.LightningModule):
         self.prior = None  # loaded for training only (setup)
         self.out_dir = Path(cfg.output_dir)
         self._rng_to_restore = None
-        self.stage_log: list[dict] = []  # per finished stage: name, steps, wall time, loss, outputs
+        self.stage_log: list[dict] = []  # per finished stage: name, steps, training time, loss, outputs
         self._stage_clock, self._stage_elapsed = None, 0.0  # the current stage's time, across resumes
         self._nonfinite_in_a_row = self._nonfinite_total = 0  # skipped steps (see skip_step)
         self._fired: dict[int, int] = {}  # faults.* injected, per step
@@ -383,8 +383,9 @@ class BaseSystem(L.LightningModule):
         return views
 
     def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
-        every = self.cfg.validation.every_n_steps
-        if every and self.global_step % every == 0 and self.global_rank == 0:
+        every, step = self.cfg.validation.every_n_steps, self.global_step
+        # every n steps, and at the end of each stage: a run shorter than n steps still gets one
+        if every and (step % every == 0 or step in self.stage_ends) and self.global_rank == 0:
             self.save_validation(self.global_step)
 
     def end_stage(self, k: int, outputs: dict | None = None, final_loss: float | None = None) -> dict:
@@ -398,7 +399,8 @@ class BaseSystem(L.LightningModule):
             loss = self.trainer.callback_metrics.get("train/loss")
             final_loss = float(loss) if loss is not None else None
         entry = {"name": self.stages[k].cfg.name, "steps": self.stage_steps[k], "end_step": self.stage_ends[k],
-                 "wall_time_s": round(self._elapsed(), 2), "final_loss": final_loss, "outputs": outputs or {}}
+                 "train_time_s": round(self._elapsed(), 2),  # this stage's training, across resumes
+                 "final_loss": final_loss, "outputs": outputs or {}}
         self.stage_log = [e for e in self.stage_log if e["name"] != entry["name"]] + [entry]
         self.train()
         return entry
