@@ -43,3 +43,39 @@ def test_a_short_run_and_its_resume_have_a_quiet_console(tmp_path):
     assert Path(summary["resumed_from"]).is_absolute() and summary["output_dir"] == str(run.resolve())
     assert summary["train_time_s"] == round(sum(s["train_time_s"] for s in summary["stages"]), 2)
     assert (run / "save" / "it000005-val.png").is_file()
+
+
+def test_an_accelerator_is_suggested_only_where_it_would_run(caplog):
+    """On a machine without CUDA the torch path is said once at INFO, with no install suggestion
+    (nvdiffrast and tinycudann need CUDA); the suggestion is for a GPU machine that lacks them."""
+    import logging
+
+    import torch
+
+    from text23d import accel
+
+    accel._warned.discard("nvdiffrast")
+    with caplog.at_level(logging.INFO, logger="text23d"):
+        assert accel.choose("renderer", "auto", "nvdiffrast") == "torch"
+        assert accel.choose("renderer", "auto", "nvdiffrast") == "torch"
+    said = [r for r in caplog.records if "nvdiffrast" in r.getMessage()]
+    assert len(said) == 1  # once
+    if not torch.cuda.is_available():
+        assert said[0].levelno == logging.INFO and "pip install" not in said[0].getMessage()
+    else:
+        assert said[0].levelno == logging.WARNING and "pip install" in said[0].getMessage()
+
+
+def test_a_run_refused_while_loading_leaves_only_its_log_and_says_so_on_stderr(tmp_path):
+    """A model that is not there is found only as the run loads, after Hydra made the run folder: the
+    folder goes (nothing was made in it), its log stays under output_root/.failed/, and the error is one
+    line on stderr in the CLI's own format (`text23d: error: ...`), none on stdout."""
+    code, out, err = text23d(["prompt=a red cube", f"prior.pretrained_model_name_or_path={tmp_path / 'missing'}",
+                              "output_root=out"], tmp_path)
+    assert code == 2
+    errors = [line for line in err.splitlines() if line.strip()]
+    assert len(errors) == 1 and errors[0].startswith("text23d: error: prior ") and "Fix:" in errors[0], err
+    assert "ERROR" not in out and "error" not in out.lower(), out
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [".failed"]
+    [log] = list((tmp_path / "out" / ".failed").iterdir())
+    assert log.name.startswith("a_red_cube@") and log.suffix == ".log" and "[ERROR]" in log.read_text()

@@ -3,7 +3,8 @@
 `tinycudann` (hash grids) and `nvdiffrast` (rasterisation) speed up CUDA runs, but they do not
 install from the package registries and have no CPU path. Each part asks here with
 `implementation: auto | <accelerator> | torch`: auto uses the accelerator when it imports and CUDA
-is present, and otherwise the pure-torch path, saying so once with how to get the fast one.
+is present, and otherwise the pure-torch path, saying so once (with how to install the fast one
+only where it would run: on a machine with CUDA).
 """
 from __future__ import annotations
 
@@ -52,6 +53,9 @@ def choose(part: str, implementation: str, accelerator: str) -> str:
                           f"(the torch path), or install it: {HOW_TO[accelerator]}")
     if accelerator not in _warned:
         _warned.add(accelerator)
-        log.warning("%s: %s, using the pure-torch path (same results, slower). For the fast path: %s",
-                    part, why, HOW_TO[accelerator])
+        if torch.cuda.is_available():  # a GPU without the accelerator: worth installing
+            log.warning("%s: %s, using the pure-torch path (same results, slower). For the fast path: %s",
+                        part, why, HOW_TO[accelerator])
+        else:  # it needs CUDA: nothing to install on this machine
+            log.info("%s: the pure-torch path (%s needs CUDA, which this machine does not have)", part, accelerator)
     return "torch"

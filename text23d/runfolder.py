@@ -64,12 +64,26 @@ def check_new_run_folder(folder: str, key: str | None) -> None:
                       f"folder, mixing with or overwriting these files. Fix: {other}")
 
 
-def discard_refused_run(out_dir: Path) -> None:
-    """A new run refused before it trained leaves no folder behind: only Hydra's record and the log
-    are in it then (anything else, a checkpoint or a config.yaml, and it is kept)."""
-    if out_dir.is_dir() and {p.name for p in out_dir.iterdir()} <= set(RUN_RECORD):
-        shutil.rmtree(out_dir, ignore_errors=True)
+def discard_refused_run(out_dir: Path) -> Path | None:
+    """A new run refused before it made anything (no checkpoint, no image, no summary: it failed
+    while loading, say a model that is not there) leaves no run folder behind. Its log is kept as
+    <output_root>/.failed/<run>.log, the path returned; a folder with anything made in it is kept."""
+    made = [p for p in ("ckpts", "save", "summary.json", "exports") if (out_dir / p).exists()
+            and (not (out_dir / p).is_dir() or any((out_dir / p).iterdir()))]
+    if not out_dir.is_dir() or made:
+        return None
+    kept = None
+    log = out_dir / "text23d.log"
+    if log.is_file() and log.stat().st_size:
+        kept = out_dir.parent.parent / ".failed" / f"{out_dir.name}.log"
         try:
-            out_dir.parent.rmdir()  # outputs/<system>/, if this run was its only one
+            kept.parent.mkdir(parents=True, exist_ok=True)
+            shutil.move(str(log), kept)
         except OSError:
-            pass
+            kept = None
+    shutil.rmtree(out_dir, ignore_errors=True)
+    try:
+        out_dir.parent.rmdir()  # outputs/<system>/, if this run was its only one
+    except OSError:
+        pass
+    return kept
