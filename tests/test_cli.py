@@ -21,11 +21,26 @@ def smoke(model, root):
             "trainer.enable_progress_bar=false"]
 
 
-def test_help_lists_groups_and_examples(tmp_path):
+INTERNAL_GROUPS = {"hydra", "tuned", "pair", "debug_size"}  # picked by the config itself, never by a user
+
+
+def test_help_lists_the_groups_a_user_chooses_and_every_option_of_each(tmp_path):
+    """--help names every option of every group a user picks (as conf/ holds them), and none of the
+    groups the config picks by itself (tuned, pair, debug_size) or the schemas (schema/...)."""
+    import re
+
     code, out = cli("--help", cwd=tmp_path)
     assert code == 0
-    for word in ("system: dreamfusion, magic3d, prolificdreamer, sds, vsd", "geometry: dmtet, grid, hashgrid, nerf",
-                 "renderer: rasterize, volume", "prior:", "resume=", "export=", "prompt_file="):
+    listed = out.split("== Config groups")[1].split("== Hydra flags")[0]
+    groups = dict(re.findall(r"^(\w+): (.+)$", listed, flags=re.M))
+    conf = Path(__file__).resolve().parents[1] / "conf"
+    expected = {d.name: {f.stem for f in d.glob("*.yaml")} for d in conf.iterdir()
+                if d.is_dir() and d.name not in INTERNAL_GROUPS and not d.name.startswith("_")}
+    assert set(groups) == set(expected)
+    for group, options in groups.items():
+        assert set(re.findall(r"\w+", re.sub(r"\(= (\w+)\)", r" \1", options))) == expected[group], group
+    assert "schema" not in listed and "tuned:" not in listed
+    for word in ("resume=", "export=", "prompt_file=", "debug=smoke prior=builtin"):
         assert word in out
 
 
