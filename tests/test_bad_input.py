@@ -71,8 +71,9 @@ def long_prompt_is_safe(ctx, case_dir, out):
     assert not (case_dir / "etc").exists()
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["prompt"] == LONG_PROMPT and summary["steps"] == 1  # stored as typed, not truncated
-    warned = [line for line in out.splitlines() if "Warning:" in line and "were truncated" in line]
+    warned = [line for line in out.splitlines() if "[WARNING]" in line and "were truncated" in line]
     assert len(warned) == 1 and len(warned[0]) < 400, warned  # one short warning, not one per view
+    assert "indexing errors" not in out and "warnings.warn(" not in out  # nor transformers' nor a source line
 
 
 def finished_is_a_no_op(ctx, case_dir, out):
@@ -95,6 +96,18 @@ def hydra_record_untouched(ctx, case_dir, out):
 
 def empty_folder_was_used(ctx, case_dir, out):
     assert (ctx.empty / "config.yaml").is_file()  # an empty, existing output_dir is fine
+
+
+def only_a_failed_log_is_left(ctx, case_dir, out):
+    """Refused while loading, after Hydra made the run folder: the folder is gone, its log kept."""
+    assert sorted(p.name for p in (case_dir / "outputs").iterdir()) == [".failed"]
+    assert [p.suffix for p in (case_dir / "outputs" / ".failed").iterdir()] == [".log"]
+
+
+def long_prompt_file_is_one_short_warning(ctx, case_dir, out):
+    warned = [line for line in out.splitlines() if "were truncated" in line]
+    assert len(warned) == 1 and len(warned[0]) < 400 and "[WARNING]" in warned[0], warned
+    assert "indexing errors" not in out and "warnings.warn(" not in out
 
 
 def no_sweep_started(ctx, case_dir, out):
@@ -202,6 +215,30 @@ CASES = [
          ("is not empty (notes.txt)", "another output_dir, new or empty"), check=unchanged("not_empty")),
     Case("output-dir-run-without-checkpoint", lambda c: ["prompt=x", f"output_dir={c.no_ckpt}"],
          ("stopped before its first checkpoint", "nothing to resume", "rm -r"), needs=frozenset({"run"})),
+    # the schema (text23d/schema/): a wrong type as the config is composed, a rule before the first step,
+    # in every part and stage, each said from its field
+    Case("guidance-scale-text", fixed("prompt=x", "guidance.guidance_scale=abc"),
+         ("guidance.guidance_scale='abc':", "a finite number ≥ 0")),
+    Case("guidance-scale-negative-on-the-builtin-prior", fixed("prompt=x", "prior=builtin", "guidance.guidance_scale=-1"),
+         ("guidance.guidance_scale=-1.0:", "7.5 on the built-in prior")),
+    Case("a-boolean-that-is-not", fixed("prompt=x", "export.video=maybe"), ("export.video='maybe':", "true or false")),
+    Case("part-setting-misspelt", fixed("prompt=x", "+geometry.n_levelz=3"),
+         ("geometry.n_levelz: no such setting", "did you mean geometry.n_levels?")),
+    Case("stage-setting-misspelt", fixed("prompt=x", "system=magic3d", "+system.stage.fine.stepz=3"),
+         ("system.stage.fine.stepz: no such setting", "did you mean system.stage.fine.steps?")),
+    Case("stage-guidance-choice", fixed("prompt=x", "system=magic3d", "system.stage.fine.guidance.weighting=sjc"),
+         ("system.stage.fine.guidance.weighting='sjc':", "allowed are ['sds', 'uniform']")),
+    Case("view-sectors", fixed("prompt=x", "system.prompt_processor.view_sectors=6"),
+         ("system.prompt_processor.view_sectors=6:", "allowed are [4, 8]")),
+    Case("camera-range-reversed", fixed("prompt=x", "camera.elevation_range=[45,-10]"),
+         ("camera.elevation_range=[45, -10]", "[min, max]", "camera.elevation_range=[-10,45]")),
+    Case("a-setting-of-the-other-renderer", fixed("prompt=x", "renderer=rasterize", "renderer.num_samples=8"),
+         ("renderer.num_samples=8: no such key",)),
+    # found only as the run loads (after Hydra made its folder): no folder left, its log under .failed/
+    Case("model-not-there-leaves-no-folder", lambda c: ["prompt=x", f"prior.pretrained_model_name_or_path={c.root}/gone"],
+         ("does not exist",), check=only_a_failed_log_is_left),
+    Case("prompt-file-of-100-kB", lambda c: [f"prompt_file={c.big_file}", *BUILTIN_SMOKE, "trainer.max_steps=1"],
+         ("done:",), code=0, check=long_prompt_file_is_one_short_warning, slow=True),
     # a sweep whose second job of three is bad: refused before the first job starts (each job checked)
     Case("multirun-a-bad-job-is-refused-before-any-starts",
          fixed("-m", "prompt=a red cube", *BUILTIN_SMOKE, "trainer.max_steps=1,0,2"),
@@ -280,6 +317,8 @@ def outcomes(request, tmp_path_factory):
     (ctx.confdir / "experiment" / "nul_prompt.yaml").write_text('# @package _global_\nprompt: "a red\\0 cube"\n')
     ctx.nul_file = root / "prompts.txt"
     ctx.nul_file.write_text("a red cube\na blue\0 cone\n", encoding="utf-8")
+    ctx.big_file = root / "big.txt"
+    ctx.big_file.write_text("a red cube " * 9100 + "\n", encoding="utf-8")  # one prompt of 100 kB
     ctx.not_empty = root / "not_empty"
     ctx.not_empty.mkdir()
     (ctx.not_empty / "notes.txt").write_text("my notes")

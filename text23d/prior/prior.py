@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import gc
-import warnings
+import logging
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from text23d.errors import PriorLoadError
+
+log = logging.getLogger("text23d")
 
 
 class Prior:
@@ -77,11 +79,12 @@ class Prior:
         batch = tokenizer(
             prompts, padding="max_length", max_length=max_length, truncation=True, return_tensors="pt"
         )
-        long = [p for p in prompts if len(tokenizer(p).input_ids) > max_length]
-        if long:  # one warning for the batch (a prompt's views differ in their suffix only), kept short
+        # verbose=False: measuring a long prompt is not an "indexing error" (transformers would say so)
+        long = [p for p in prompts if len(tokenizer(p, verbose=False).input_ids) > max_length]
+        if long:  # one line for the batch (a prompt's views differ in their suffix only), kept short
             shown = long[0] if len(long[0]) <= 80 else f"{long[0][:77]}..."
-            warnings.warn(f"{len(long)} prompt(s) longer than the text encoder's {max_length} tokens were truncated "
-                          f"to their first {max_length} tokens, e.g. {shown!r} ({len(long[0])} characters)")
+            log.warning("%d prompt(s) longer than the text encoder's %d tokens were truncated to their first %d "
+                        "tokens, e.g. %r (%d characters)", len(long), max_length, max_length, shown, len(long[0]))
         kwargs = {}
         # T5 (DeepFloyd IF) is trained with a padding mask; CLIP (SD) is not, unless its config says so.
         if getattr(encoder.config, "model_type", "") in ("t5", "mt5", "umt5") or getattr(
