@@ -234,6 +234,9 @@ CASES = [
          ("camera.elevation_range=[45, -10]", "[min, max]", "camera.elevation_range=[-10,45]")),
     Case("a-setting-of-the-other-renderer", fixed("prompt=x", "renderer=rasterize", "renderer.num_samples=8"),
          ("renderer.num_samples=8: no such key",)),
+    # an export that cannot fit in this machine: refused before training, not after it
+    Case("export-that-cannot-fit", fixed("prompt=x", "export.video_views=3600", "export.video_resolution=4096"),
+         ("these settings need about", "GiB to export", "more than this machine's", "Fix: e.g. export.video_views=120")),
     # found only as the run loads (after Hydra made its folder): no folder left, its log under .failed/
     Case("model-not-there-leaves-no-folder", lambda c: ["prompt=x", f"prior.pretrained_model_name_or_path={c.root}/gone"],
          ("does not exist",), check=only_a_failed_log_is_left),

@@ -164,3 +164,24 @@ def _with_prompt(text):
     cfg = compose_cfg(["prompt=x"])
     cfg.prompt = text
     return cfg
+
+
+def test_an_export_that_cannot_fit_is_refused_before_it_allocates_and_the_estimate_adds_up():
+    """export=<run> checks the export block alone (config.check_export): the estimate is the sum of
+    its parts, each growing as its setting does, and more than the machine has is refused."""
+    import psutil
+
+    from text23d.config import check_export
+    from text23d.export.budget import export_bytes
+
+    base = compose_cfg(["prompt=x"]).export
+    parts = export_bytes(base)
+    assert all(v > 0 for v in parts.values())
+    bigger = export_bytes(compose_cfg(["prompt=x", "export.resolution=256"]).export)
+    assert bigger["mesh"] == 8 * parts["mesh"] and bigger["video"] == parts["video"]
+    assert export_bytes(compose_cfg(["prompt=x", "export.texture=false"]).export)["texture"] == 0
+    check_export(compose_cfg(["prompt=x"]))  # the defaults fit
+    huge = compose_cfg(["prompt=x", "export.video_views=3600", "export.video_resolution=4096"])
+    assert sum(export_bytes(huge.export).values()) > psutil.virtual_memory().total
+    with pytest.raises(ConfigError, match=r"^export: these settings need about \d+ GiB .*Fix: e.g. export.video_views"):
+        check_export(huge)

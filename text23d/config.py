@@ -78,7 +78,10 @@ def validate(cfg: DictConfig, on_this_machine: bool = True) -> None:
 
 def check_export(cfg: DictConfig) -> None:
     """The export block, before training (and before an export-only run loads anything)."""
+    from text23d.export.budget import check_export_memory
+
     check_node(cfg.export, ExportConfig, "export")
+    check_export_memory(cfg.export)
 
 
 def export_formats(export: DictConfig) -> list[str]:

@@ -60,6 +60,10 @@ def check_run(cfg: DictConfig, on_this_machine: bool = True) -> None:
         check_part(cfg[key], key)
     stage_configs(cfg)  # each stage's merged settings, checked as it is merged
     check_machine(cfg.trainer, on_this_machine)
+    if on_this_machine:  # the export's memory, before training: it must not fail after an hour
+        from text23d.export.budget import check_export_memory
+
+        check_export_memory(cfg.export)
 
 
 def missing_keys(cfg, schema=RunConfig, where: str = "") -> list[str]:
