@@ -1,6 +1,8 @@
 """One progress bar, counted in optimisation steps (with rate and ETA), not in epochs."""
 from __future__ import annotations
 
+import sys
+
 from lightning.pytorch.callbacks import TQDMProgressBar
 from lightning.pytorch.callbacks.progress.tqdm_progress import _update_n
 
@@ -10,15 +12,16 @@ class StepProgressBar(TQDMProgressBar):
     steps; a resumed run's bar starts at the step it resumes from, so its rate and ETA count only the
     steps this process makes (never a negative it/s)."""
 
-    @property
-    def train_description(self) -> str:
-        return "steps"
+    def init_train_tqdm(self):
+        """Made with its total and its start, so its first line is already right (no "0/?")."""
+        from lightning.pytorch.callbacks.progress.tqdm_progress import Tqdm
+
+        return Tqdm(desc="steps", total=self.trainer.max_steps, initial=self.trainer.global_step,
+                    position=2 * self.process_position, disable=self.is_disabled, leave=True, dynamic_ncols=True,
+                    file=sys.stdout, smoothing=0, bar_format=self.BAR_FORMAT)
 
     def on_train_epoch_start(self, trainer, *_) -> None:
-        bar = self.train_progress_bar
-        bar.reset(total=trainer.max_steps)
-        bar.initial = bar.n = bar.last_print_n = trainer.global_step
-        bar.set_description("steps")
+        pass  # one epoch of all the run's steps: the bar made in init_train_tqdm counts them
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         bar = self.train_progress_bar
