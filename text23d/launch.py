@@ -23,6 +23,7 @@ import difflib
 import json
 import os
 from contextlib import contextmanager, nullcontext
+from dataclasses import is_dataclass
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf, open_dict
@@ -254,6 +255,14 @@ def no_such_key(cause, override: str) -> str:
     parent_key = key.rsplit(".", 1)[0] if "." in key else ""
     where = f"{parent_key} has" if parent_key else "the config has"
     meant = f"{parent_key + '.' if parent_key else ''}{close[0]}={value}" if close else ""
+    # A key may be added (+key=…) only where its block takes keys it does not list: a part's settings
+    # are its schema's fields (text23d/schema/), so adding one there would only be refused next.
+    schema = OmegaConf.get_type(parent) if isinstance(parent, DictConfig) else None
+    open_block = not is_dataclass(schema) or getattr(schema, "extra_keys_ok", False)
+    known = [k for k in known if k != "_target_"]
+    if not open_block:
+        fix = f"did you mean {meant}?" if close else "one of the keys above (docs/config.md lists them all)"
+        return f"{override}: no such key ({where}: {', '.join(known)}). Fix: {fix}"
     fix = f"did you mean {meant}? Or" if close else "correct the key (text23d ... --cfg job prints the config), or"
     return f"{override}: no such key ({where}: {', '.join(known)}). Fix: {fix} +{override} to add a new one"
 
