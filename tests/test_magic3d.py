@@ -122,6 +122,9 @@ def test_magic3d_on_the_builtin_prior_through_the_command(tmp_path):
                         "system.stage.fine.geometry.resolution=12"],
                        env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
+    said = [line.split("] - ", 1)[1] for line in p.stdout.splitlines() if "][text23d][" in line]
+    assert len(said) == len(set(said)), said  # each line once: the stage plan, each stage's start, its estimate
+    assert sum("stage fine starts from stage coarse" in line for line in said) == 1
     [run_dir] = list((tmp_path / "magic3d").iterdir())
     summary = json.loads((run_dir / "summary.json").read_text())
     assert [s["name"] for s in summary["stages"]] == ["coarse", "fine"] and summary["steps"] == 4
