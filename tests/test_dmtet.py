@@ -9,7 +9,7 @@ import trimesh
 from text23d.errors import ConfigError, Text23dError
 from text23d.geometry.dmtet import DMTet, EDGES, _triangle_table, marching_tets, orient, tet_grid
 from text23d.geometry.grid import DenseGrid
-from text23d.geometry.mesh_ops import face_normals, laplacian, normal_consistency
+from text23d.ops import face_normals, laplacian, normal_consistency
 
 from tests.helpers import check_settings
 

@@ -63,6 +63,22 @@ def test_no_import_cycles_and_no_private_names_across_modules():
     assert cycles(graph) == [] and private == []
 
 
+def test_geometry_and_renderers_share_helpers_through_ops_not_each_other():
+    """A renderer never imports a geometry module nor a geometry a renderer: what both use lives in
+    text23d/ops.py; and the schema (what the pre-flight imports) loads no torch at import (a GPU asked
+    for is looked up only then)."""
+    graph, _ = import_graph()
+    for name, deps in graph.items():
+        for a, b in (("text23d.renderers", "text23d.geometry"), ("text23d.geometry", "text23d.renderers")):
+            if name.startswith(a):
+                assert not [d for d in deps if d.startswith(b)], (name, deps)
+    for path in (PACKAGE / "schema").glob("*.py"):
+        top = ast.parse(path.read_text()).body  # module level: what importing it loads
+        names = {a.name.split(".")[0] for n in top if isinstance(n, ast.Import) for a in n.names}
+        names |= {(n.module or "").split(".")[0] for n in top if isinstance(n, ast.ImportFrom)}
+        assert "torch" not in names, path
+
+
 def test_the_checks_see_a_cycle_and_a_private_import():
     assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
     graph, _ = import_graph()

@@ -5,13 +5,7 @@ import torch
 from torch import Tensor, nn
 
 from text23d.geometry.base import Geometry
-
-
-def positional_encoding(x: Tensor, n_freqs: int) -> Tensor:
-    """x (N, 3) in [-1, 1] → (N, 3 + 6·n_freqs): x, sin(2^k πx), cos(2^k πx)."""
-    freqs = (2.0 ** torch.arange(n_freqs, device=x.device, dtype=x.dtype)) * torch.pi
-    angles = x[..., None] * freqs  # (N, 3, F)
-    return torch.cat([x, angles.sin().flatten(1), angles.cos().flatten(1)], dim=-1)
+from text23d.ops import positional_encoding
 
 
 class NeRFMLP(Geometry):

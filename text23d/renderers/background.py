@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from text23d.geometry.nerf import positional_encoding
+from text23d.ops import positional_encoding
 
 
 class Background(nn.Module):

@@ -15,7 +15,7 @@ from torch import Tensor
 from text23d import accel
 from text23d.cameras.sampler import Cameras, get_rays
 from text23d.errors import ConfigError, Text23dError
-from text23d.geometry.mesh_ops import vertex_normals
+from text23d.ops import vertex_normals
 from text23d.renderers.base import Renderer
 from text23d.renderers.rasterize import barycentrics, interpolate, rasterize, silhouette_alpha
 from text23d.renderers.volume import SHADINGS, shade

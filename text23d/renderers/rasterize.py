@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from text23d.cameras.sampler import Cameras
-from text23d.geometry.mesh_ops import mesh_edges
+from text23d.ops import mesh_edges
 
 
 def project(verts: Tensor, cams: Cameras, height: int, width: int) -> tuple[Tensor, Tensor]:

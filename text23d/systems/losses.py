@@ -38,7 +38,7 @@ def always_zero(value) -> bool:
 def regularisers(out: dict, weights: dict | None = None) -> dict[str, Tensor]:
     """Every regulariser the renderer output `out` allows, unweighted (the system weights them);
     the mesh terms only where `weights` gives them a non-zero weight (they cost a pass over edges)."""
-    from text23d.geometry.mesh_ops import laplacian, normal_consistency
+    from text23d.ops import laplacian, normal_consistency
 
     terms = {"sparsity": sparsity(out["opacity"]), "opaque": opaque(out["opacity"])}
     if "normals" in out and "weights" in out:

@@ -1,8 +1,17 @@
-"""Triangle-mesh helpers shared by DMTet, the rasteriser and the mesh regularisers."""
+"""Small tensor helpers that geometries and renderers share (so neither imports the other): the
+positional encoding (the NeRF MLP, the learned background), and triangle-mesh helpers (DMTet, the
+rasteriser, the mesh regularisers)."""
 from __future__ import annotations
 
 import torch
 from torch import Tensor
+
+
+def positional_encoding(x: Tensor, n_freqs: int) -> Tensor:
+    """x (N, 3) in [-1, 1] → (N, 3 + 6·n_freqs): x, sin(2^k πx), cos(2^k πx)."""
+    freqs = (2.0 ** torch.arange(n_freqs, device=x.device, dtype=x.dtype)) * torch.pi
+    angles = x[..., None] * freqs  # (N, 3, F)
+    return torch.cat([x, angles.sin().flatten(1), angles.cos().flatten(1)], dim=-1)
 
 
 def mesh_edges(faces: Tensor) -> tuple[Tensor, Tensor, Tensor]:
