@@ -171,7 +171,7 @@ def test_bad_settings_are_refused():
     with pytest.raises(ConfigError, match="log2_table=30"):
         check_settings(HashGrid, log2_table=30)
     if accel.load("tinycudann") is None:
-        with pytest.raises(ConfigError, match="implementation=tinycudann but"):
+        with pytest.raises(ConfigError, match="^geometry.implementation=tinycudann but"):
             HashGrid(implementation="tinycudann")
 
 
