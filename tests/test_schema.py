@@ -12,10 +12,10 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 
 import pytest
-import torch
 from hydra.utils import instantiate
 
 from helpers import compose_cfg
+from text23d.checkpoint import load_checkpoint_file
 from text23d.config import validate
 from text23d.errors import ConfigError
 from text23d.geometry.grid import DenseGrid
@@ -121,7 +121,7 @@ def test_a_toy_part_added_as_the_readme_says_is_checked_built_trained_and_export
     cfg = compose_cfg([*base, "trainer.max_steps=2", f"output_dir={tmp_path / 'run'}"])
     summary = run(cfg)
     assert summary["steps"] == 2 and Path(summary["artifacts"]["mesh_glb"]).is_file()
-    state = torch.load(tmp_path / "run" / "ckpts" / "last.ckpt", weights_only=False)["state_dict"]
+    state = load_checkpoint_file(tmp_path / "run" / "ckpts" / "last.ckpt")["state_dict"]  # weights_only=True
     grids = [k for k in state if k.endswith("density_grid")]
     assert grids and state[grids[0]].numel() == 16**3  # the toy's YAML default reached the part
     assert instantiate(cfg.geometry).scale == 2.0
