@@ -50,6 +50,10 @@ class Geometry(nn.Module):
     def albedo(self, points: Tensor) -> Tensor:
         return self(points)[1]
 
+    def albedo_and_normals(self, points: Tensor) -> tuple[Tensor, Tensor]:
+        """Both at once: a geometry that can share one lookup between the two overrides this."""
+        return self.albedo(points), self.normals(points)
+
     def normals(self, points: Tensor) -> Tensor:
         """Outward unit normals (N, 3): minus the normalised density gradient (finite differences)."""
         offsets = _TETRA.to(points) * self.normal_eps  # (4, 3)

@@ -11,64 +11,33 @@ them, so a checkpoint moves between `implementation: tcnn` and `torch` unchanged
 """
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor, nn
 
 from text23d import accel
 from text23d.geometry.base import Geometry
-
-PRIMES = (1, 2654435761, 805459861)
-
-
-def level_layout(n_levels: int, log2_table: int, base_resolution: int, per_level_scale: float):
-    """Per level: (scale, resolution, table size, offset into the flat table, hashed?)."""
-    levels, offset, T = [], 0, 2**log2_table
-    for l in range(n_levels):
-        scale = 2.0 ** (l * math.log2(per_level_scale)) * base_resolution - 1.0
-        res = int(math.ceil(scale)) + 1
-        size = min(T, res**3)
-        size = (size + 7) // 8 * 8
-        levels.append((scale, res, size, offset, res**3 > size))
-        offset += size
-    return levels
-
+from text23d.geometry.hashenc import HashFunction, HashLayout, encode, level_layout
 
 class HashEncoding(nn.Module):
-    """The torch path: u (N, 3) in [0, 1] -> features (N, n_levels · n_features)."""
+    """The torch path: u (N, 3) in [0, 1] -> features (N, n_levels · n_features), every level in one
+    batched computation (geometry/hashenc.py)."""
 
     def __init__(self, n_levels=16, n_features=2, log2_table=19, base_resolution=16, per_level_scale=1.447269):
         super().__init__()
         self.levels = level_layout(n_levels, log2_table, base_resolution, per_level_scale)
+        self.layout = HashLayout(self.levels)
         self.n_features = n_features
         total = self.levels[-1][3] + self.levels[-1][2]
         self.params = nn.Parameter(torch.empty(total * n_features).uniform_(-1e-4, 1e-4))  # tcnn's init
-        corners = torch.tensor([[(c >> k) & 1 for k in range(3)] for c in range(8)])
-        self.register_buffer("corners", corners, persistent=False)  # (8, 3)
-        self.register_buffer("primes", torch.tensor(PRIMES), persistent=False)
 
-    def index(self, grid: Tensor, level: int) -> Tensor:
-        """Table rows (…,) of integer grid points (…, 3) on `level`, as tcnn computes them."""
-        _, res, size, offset, hashed = self.levels[level]
-        if hashed:  # int64 products keep the low bits of tcnn's uint32 arithmetic exact
-            h = (grid[..., 0] * self.primes[0]) ^ (grid[..., 1] * self.primes[1]) ^ (grid[..., 2] * self.primes[2])
-            return offset + (h & (size - 1) if size & (size - 1) == 0 else h % size)
-        return offset + (grid[..., 0] + grid[..., 1] * res + grid[..., 2] * res * res) % size
-
-    def forward(self, u: Tensor) -> Tensor:
-        table = self.params.view(-1, self.n_features)
-        out = []
-        for level, (scale, *_rest) in enumerate(self.levels):
-            pos = u * scale + 0.5  # (N, 3)
-            base = pos.detach().floor()
-            frac = pos - base  # differentiable in u
-            grid = base.long()[:, None, :] + self.corners  # (N, 8, 3)
-            rows = self.index(grid, level)  # (N, 8)
-            w = torch.where(self.corners.bool(), frac[:, None, :], 1 - frac[:, None, :]).prod(-1)  # (N, 8)
-            feats = table.index_select(0, rows.reshape(-1)).view(*rows.shape, self.n_features)
-            out.append((w[..., None] * feats).sum(1))
-        return torch.cat(out, -1)
+    def forward(self, u: Tensor, jacobian: bool = False):
+        """Features, and with `jacobian` also their derivatives in u (N, n_levels · n_features, 3)."""
+        if self.layout.lut.device != u.device:
+            self.layout.to(u.device)
+        u = u.clamp(0, 1)
+        if u.requires_grad and torch.is_grad_enabled():  # a gradient in the points (twice, for normals')
+            return encode(u, self.params, self.layout, self.n_features)
+        return HashFunction.apply(u, self.params, self.layout, self.n_features, jacobian)
 
 
 class TcnnHashEncoding(nn.Module):
@@ -119,22 +88,42 @@ class HashGrid(Geometry):
         self.feature_net = nn.Sequential(nn.Linear(width, hidden, bias=False), nn.ReLU(), nn.Linear(hidden, 3, bias=False))
         self.normal_type = normals
 
+    def _u(self, points: Tensor) -> Tensor:
+        return ((points / self.radius).clamp(-1, 1) + 1) / 2
+
     def raw(self, x: Tensor) -> tuple[Tensor, Tensor]:  # x in [-1, 1]
         h = self.encoding((x.clamp(-1, 1) + 1) / 2)
         return self.density_net(h)[:, 0], self.feature_net(h)
 
     def density(self, points: Tensor) -> Tensor:
-        h = self.encoding(((points / self.radius).clamp(-1, 1) + 1) / 2)
+        h = self.encoding(self._u(points))
         return nn.functional.softplus(self.density_net(h)[:, 0] + self.blob(points))
 
     def albedo(self, points: Tensor) -> Tensor:
-        h = self.encoding(((points / self.radius).clamp(-1, 1) + 1) / 2)
-        return torch.sigmoid(self.feature_net(h))
+        return torch.sigmoid(self.feature_net(self.encoding(self._u(points))))
 
     def normals(self, points: Tensor) -> Tensor:
+        return self.albedo_and_normals(points)[1]
+
+    def albedo_and_normals(self, points: Tensor) -> tuple[Tensor, Tensor]:
+        """Both from one encoding of the points where the torch path can give its Jacobian."""
         if self.normal_type == "finite_difference":
-            return super().normals(points)
+            return self.albedo(points), super().normals(points)
+        if points.requires_grad or self.implementation == "tinycudann":
+            return self.albedo(points), self._autograd_normals(points)
+        h, jacobian = self.encoding(self._u(points), jacobian=True)
         training = torch.is_grad_enabled()  # then the normals are differentiable (orientation loss)
+        with torch.enable_grad():  # ∂σ_raw/∂h through the density MLP only
+            leaf = h if h.requires_grad else h.detach().requires_grad_(True)
+            grad_h, = torch.autograd.grad(self.density_net(leaf)[:, 0].sum(), leaf, create_graph=training)
+        inside = ((points / self.radius).abs() <= 1).all(-1, keepdim=True)  # the clamp's gradient
+        grad = torch.einsum("nk,nka->na", grad_h, jacobian) * (inside / (2 * self.radius))
+        # + ∇blob; softplus' positive factor does not change the direction
+        grad = grad - self.blob_density / self.blob_radius * points / points.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+        return torch.sigmoid(self.feature_net(h)), -nn.functional.normalize(grad, dim=-1, eps=1e-12)
+
+    def _autograd_normals(self, points: Tensor) -> Tensor:
+        training = torch.is_grad_enabled()
         with torch.enable_grad():  # analytic: −∇σ / |∇σ|
             p = points if points.requires_grad else points.detach().requires_grad_(True)
             sigma = self.density(p)

@@ -95,10 +95,10 @@ class VolumeRenderer(Renderer):
         weights = alpha * trans  # (R, n)
         keep = (weights.detach() >= self.skip_weight).reshape(-1) if self.skip_weight > 0 else None
         sub = flat if keep is None else flat[keep]
-        normals_sub = geometry.normals(sub) if need_normals else None
+        albedo, normals_sub = geometry.albedo_and_normals(sub) if need_normals else (geometry.albedo(sub), None)
         light = cams.light_position[:, None].expand(B, height * width * n, 3).reshape(-1, 3)
         light = light if keep is None else light[keep]
-        color_sub = shade(geometry.albedo(sub), normals_sub, sub, light, shading, self.ambient, self.diffuse)
+        color_sub = shade(albedo, normals_sub, sub, light, shading, self.ambient, self.diffuse)
         color, normals = color_sub, normals_sub
         if keep is not None:  # float32: under bf16/16-mixed autocast the fields' MLPs answer in half precision
             color = flat.new_zeros(flat.shape[0], 3).index_put((keep,), color_sub.float())
