@@ -14,12 +14,14 @@ from torch import Tensor, nn
 from text23d.geometry.base import Geometry
 
 def _outer(wx: Tensor, wy: Tensor, wz: Tensor) -> Tensor:
-    """(N, 2) per-axis factors → (N, 8) corner weights, corner order (dx, dy, dz) with dz fastest."""
-    return (wx[:, :, None, None] * wy[:, None, :, None] * wz[:, None, None, :]).reshape(-1, 8)
+    """(2, N) per-axis factors → (8, N) corner weights, corner order (dx, dy, dz) with dz fastest.
+    Points last: every product runs over contiguous rows of N (a trailing axis of 2 or 8 would not
+    vectorise, 3× slower on the CPU)."""
+    return (wx[:, None, None] * wy[None, :, None] * wz[None, None, :]).reshape(8, -1)
 
 
 def _gather(grid: Tensor, idx: Tensor) -> Tensor:
-    """grid[idx] for idx (N, 8). index_select's backward is 2-7× faster on CPU than indexing's."""
+    """grid[idx] for idx (8, N). index_select's backward is 2-7× faster on CPU than indexing's."""
     return grid.index_select(0, idx.reshape(-1)).view(*idx.shape, *grid.shape[1:])
 
 
@@ -35,46 +37,46 @@ class DenseGrid(Geometry):
         self.register_buffer("_offsets", torch.tensor(offsets), persistent=False)
 
     def _corners(self, points: Tensor) -> tuple[Tensor, Tensor]:
-        """Flat indices (N, 8) of the 8 surrounding grid points and fractions (N, 3) in the cell,
+        """Flat indices (8, N) of the 8 surrounding grid points and fractions (3, N) in the cell,
         for world points (N, 3) (outside the grid is clamped to the border)."""
         R = self.resolution
         p = ((points / self.radius).clamp(-1, 1) + 1) * (0.5 * (R - 1))
         p0 = p.detach().floor().clamp(0, R - 2)
         i = p0.long()
         base = (i[:, 2] * R + i[:, 1]) * R + i[:, 0]
-        return base[:, None] + self._offsets, p - p0
+        return base + self._offsets[:, None], (p - p0).t()
 
     @staticmethod
     def _pairs(frac: Tensor) -> list[Tensor]:
-        return [torch.stack([1 - frac[:, a], frac[:, a]], -1) for a in range(3)]  # 3 × (N, 2)
+        return [torch.stack([1 - f, f]) for f in frac]  # 3 × (2, N)
 
     def raw(self, x: Tensor) -> tuple[Tensor, Tensor]:
         idx, frac = self._corners(x * self.radius)
         w = _outer(*self._pairs(frac))
-        density = (w * _gather(self.density_grid, idx)).sum(1)
-        albedo = (w[..., None] * _gather(self.albedo_grid, idx)).sum(1)
+        density = (w * _gather(self.density_grid, idx)).sum(0)
+        albedo = (w[..., None] * _gather(self.albedo_grid, idx)).sum(0)
         return density, albedo
 
     # One field at a time: the renderer needs density at every sample but albedo only at the few
     # that are visible, and each lookup gathers only its own grid.
     def density(self, points: Tensor) -> Tensor:
         idx, frac = self._corners(points)
-        raw = (_outer(*self._pairs(frac)) * _gather(self.density_grid, idx)).sum(1)
+        raw = (_outer(*self._pairs(frac)) * _gather(self.density_grid, idx)).sum(0)
         return nn.functional.softplus(raw + self.blob(points))
 
     def albedo(self, points: Tensor) -> Tensor:
         idx, frac = self._corners(points)
-        return torch.sigmoid((_outer(*self._pairs(frac))[..., None] * _gather(self.albedo_grid, idx)).sum(1))
+        return torch.sigmoid((_outer(*self._pairs(frac))[..., None] * _gather(self.albedo_grid, idx)).sum(0))
 
     def normals(self, points: Tensor) -> Tensor:
         """Outward normals from the analytic gradient of the trilinear density plus the blob."""
         idx, frac = self._corners(points)
         wx, wy, wz = self._pairs(frac)
-        v = _gather(self.density_grid, idx).view(-1, 2, 2, 2)  # corner values, axes (x, y, z)
+        v = _gather(self.density_grid, idx).view(2, 2, 2, -1)  # corner values, axes (x, y, z)
         # ∂/∂f_a of the trilinear sum: the difference along axis a, weighted by the other two axes.
-        gx = ((v[:, 1] - v[:, 0]) * wy[:, :, None] * wz[:, None, :]).sum((1, 2))
-        gy = ((v[:, :, 1] - v[:, :, 0]) * wx[:, :, None] * wz[:, None, :]).sum((1, 2))
-        gz = ((v[..., 1] - v[..., 0]) * wx[:, :, None] * wy[:, None, :]).sum((1, 2))
+        gx = ((v[1] - v[0]) * wy[:, None] * wz[None, :]).sum((0, 1))
+        gy = ((v[:, 1] - v[:, 0]) * wx[:, None] * wz[None, :]).sum((0, 1))
+        gz = ((v[:, :, 1] - v[:, :, 0]) * wx[:, None] * wy[None, :]).sum((0, 1))
         grad = torch.stack([gx, gy, gz], -1) * (0.5 * (self.resolution - 1) / self.radius)
         norm = points.norm(dim=-1, keepdim=True).clamp_min(1e-9)
         grad = grad - self.blob_density / self.blob_radius * points / norm
