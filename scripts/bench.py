@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench_kernels, real_shapes
 
 # name: (prior, overrides, needs CUDA); prior "builtin" is the shipped model, "sd21" random weights.
 OCCUPANCY = "renderer.occupancy={resolution:32,threshold:0.01,decay:0.95,update_every:16,warmup_steps:256}"
@@ -63,6 +64,15 @@ TEXTURE = {"texture-10k": 10_000, "texture-50k": 50_000, "texture-200k": 200_000
 CONFIGS.update({name: ("texture", [faces], False) for name, faces in TEXTURE.items()})
 CONFIGS["texture-200k-to-100k"] = ("texture", [200_000, 100_000], False)
 CONFIGS["texture-200k-decimated"] = ("texture", [200_000, 50_000], False)  # export.target_faces's default
+# The kernels under a step (scripts/bench_kernels.py): on the CPU in float32; on CUDA also in half
+# precision, with torch.compile off and on.
+CONFIGS["hash-encoding"] = ("kernel", ["hash", "float32", False], False)
+CONFIGS["unet-builtin"] = ("kernel", ["unet", "float32", False], False)
+for _dtype in ("float16", "bfloat16"):
+    for _compiled in (False, True):
+        _tail = f"-{_dtype}" + ("-compiled" if _compiled else "")
+        CONFIGS["hash-encoding-cuda" + _tail] = ("kernel", ["hash", _dtype, _compiled], True)
+        CONFIGS["unet-builtin-cuda" + _tail] = ("kernel", ["unet", _dtype, _compiled], True)
 
 
 def build_sd21(folder: Path) -> Path:
@@ -102,12 +112,37 @@ def bench_texture(name: str) -> dict:
             "peak_cpu_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
 
 
+def bench_kernel(name: str) -> dict:
+    import torch
+
+    from bench_kernels import bench_hash_encoding, bench_unet
+
+    which, dtype, compiled = CONFIGS[name][1]
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    run = bench_hash_encoding if which == "hash" else bench_unet
+    return {"config": name, "device": device, **run(device, getattr(torch, dtype), compiled)}
+
+
+def reference_s(device: str) -> float:
+    """The same process's speed a moment before a row: one float32 matrix product (1024² on the
+    CPU, 8192² on CUDA). Rows report their time in units of it as well, which moves far less than
+    seconds when the machine is shared."""
+    import torch
+
+    from bench_kernels import matmul_flops
+
+    n = 8192 if device == "cuda" else 1024
+    return 2 * n**3 / matmul_flops(device, torch.float32)
+
+
 def bench_one(name: str, steps: int, warmup: int) -> dict:
     import lightning as L
     import torch
 
     if CONFIGS[name][0] == "texture":
         return bench_texture(name)
+    if CONFIGS[name][0] == "kernel":
+        return bench_kernel(name)
 
     from text23d.config import compose
     from text23d.run import build_system
@@ -133,6 +168,7 @@ def bench_one(name: str, steps: int, warmup: int) -> dict:
                 times.append(time.perf_counter() - self.t)
 
         L.seed_everything(0, verbose=False)
+        reference = reference_s(device)
         system = build_system(cfg)
         trainer = L.Trainer(max_steps=warmup + steps, accelerator=device, devices=1, logger=False,
                             enable_checkpointing=False, enable_progress_bar=False, callbacks=[Timer()],
@@ -145,7 +181,8 @@ def bench_one(name: str, steps: int, warmup: int) -> dict:
     result = {"config": name, "device": device, "render": f"{cfg.system.width}x{cfg.system.height}",
               "views_per_step": cfg.system.batch_size, "geometry": cfg.geometry._target_.rsplit(".", 1)[1],
               "prior": kind, "steps_timed": len(timed), "median_step_s": round(median, 4),
-              "it_per_s": round(1 / median, 2),
+              "it_per_s": round(1 / median, 2), "reference_s": round(reference, 5),
+              "step_in_references": round(median / reference, 1),
               "peak_cpu_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
     if device == "cuda":
         result["peak_gpu_mem_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)

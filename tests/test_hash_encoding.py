@@ -1,5 +1,5 @@
 """The batched torch hash encoding (geometry/hashenc.py) against the per-level implementation it
-replaced (kept here as the reference), in values and gradients, on every path: the complex-packed
+replaced (kept in text23d/testing.py as the reference, which scripts/bench.py times too), in values and gradients, on every path: the complex-packed
 table (two features, CPU), the real rows (any other feature count, and what CUDA uses), float64,
 several chunks and index_add_ groups, and the Jacobian that analytic normals are built from."""
 import pytest
@@ -8,28 +8,7 @@ import torch
 from text23d.geometry import hashenc
 from text23d.geometry.hashenc import PRIMES, level_layout
 from text23d.geometry.hashgrid import HashEncoding, HashGrid
-
-
-def loop_encoding(params, u, levels, n_features):
-    """The per-level implementation the batched one replaced: one level at a time, 8 corners each,
-    tcnn's row formula, autograd for the gradients."""
-    table = params.view(-1, n_features)
-    corners = torch.tensor([[(c >> k) & 1 for k in range(3)] for c in range(8)])
-    primes = torch.tensor(PRIMES)
-    out = []
-    for scale, res, size, offset, hashed in levels:
-        pos = u.clamp(0, 1) * scale + 0.5
-        base = pos.detach().floor()
-        frac = pos - base
-        grid = base.long()[:, None, :] + corners  # (N, 8, 3)
-        if hashed:
-            h = (grid[..., 0] * primes[0]) ^ (grid[..., 1] * primes[1]) ^ (grid[..., 2] * primes[2])
-            rows = offset + h % size
-        else:
-            rows = offset + (grid[..., 0] + grid[..., 1] * res + grid[..., 2] * res * res) % size
-        w = torch.where(corners.bool(), frac[:, None, :], 1 - frac[:, None, :]).prod(-1)  # (N, 8)
-        out.append((w[..., None] * table[rows]).sum(1))
-    return torch.cat(out, -1)
+from text23d.testing import loop_hash_encoding as loop_encoding
 
 
 def grid_points(n, seed=0, dtype=torch.float32):

@@ -273,3 +273,27 @@ def _t5_encoder(vocab_size: int) -> T5EncoderModel:
         decoder_start_token_id=0,
     )
     return T5EncoderModel(config).eval()
+
+
+def loop_hash_encoding(params, u, levels, n_features):
+    """The per-level implementation the batched one replaced: one level at a time, 8 corners each,
+    tcnn's row formula, autograd for the gradients."""
+    from text23d.geometry.hashenc import PRIMES
+
+    table = params.view(-1, n_features)
+    corners = torch.tensor([[(c >> k) & 1 for k in range(3)] for c in range(8)], device=u.device)
+    primes = torch.tensor(PRIMES, device=u.device)
+    out = []
+    for scale, res, size, offset, hashed in levels:
+        pos = u.clamp(0, 1) * scale + 0.5
+        base = pos.detach().floor()
+        frac = pos - base
+        grid = base.long()[:, None, :] + corners  # (N, 8, 3)
+        if hashed:
+            h = (grid[..., 0] * primes[0]) ^ (grid[..., 1] * primes[1]) ^ (grid[..., 2] * primes[2])
+            rows = offset + h % size
+        else:
+            rows = offset + (grid[..., 0] + grid[..., 1] * res + grid[..., 2] * res * res) % size
+        w = torch.where(corners.bool(), frac[:, None, :], 1 - frac[:, None, :]).prod(-1)  # (N, 8)
+        out.append((w[..., None] * table[rows]).sum(1))
+    return torch.cat(out, -1)
