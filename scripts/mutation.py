@@ -27,8 +27,8 @@ GOAL = 0.85  # of the mutants of each module, killed
 GROUPS = {
     "guidance": ["text23d/guidance/base.py", "text23d/guidance/sds.py", "text23d/guidance/vsd.py",
                  "text23d/guidance/cfg.py"],
-    "geometry": ["text23d/geometry/grid.py", "text23d/geometry/hashgrid.py", "text23d/geometry/dmtet.py",
-                 "text23d/geometry/base.py"],
+    "geometry": ["text23d/geometry/grid.py", "text23d/geometry/hashgrid.py", "text23d/geometry/hashenc.py",
+                 "text23d/geometry/dmtet.py", "text23d/geometry/base.py"],
     "renderers": ["text23d/renderers/volume.py", "text23d/renderers/rasterize.py"],
     "prior": ["text23d/prior/prior.py"],
     "export": ["text23d/export/threshold.py", "text23d/export/mesh.py", "text23d/export/texture.py"],
