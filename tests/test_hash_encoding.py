@@ -91,6 +91,8 @@ def test_the_jacobian_and_its_table_gradient_are_autograds(rows, small_chunks, m
     g = torch.Generator().manual_seed(3)
     a, b = torch.randn(60, 10, generator=g, dtype=torch.float64), torch.randn(60, 10, 3, generator=g, dtype=torch.float64)
     h, J = enc(u, jacobian=True)
+    assert J.shape == (3, 60, 10)
+    J = J.permute(1, 2, 0)  # (points, features, axes)
     ((h * a).sum() + (J * b).sum()).backward()
     params = enc.params.detach().clone().requires_grad_(True)
     x = u.clone().requires_grad_(True)

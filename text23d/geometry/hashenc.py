@@ -79,7 +79,8 @@ class HashLayout:
         """Lookup keys (L, 3, n) → the flat table's rows of the 8 corners, (L, 8, n) int32 (into
         `out` if given), corner c = 4·dx + 2·dy + dz."""
         L, _, n = keys.shape
-        terms = torch.stack([self.lut[keys], self.lut[keys + 1]], 2)  # (L, 3, 2, n)
+        both = torch.stack([keys, keys + 1], 2)  # (L, 3, 2, n): the low and the high corner
+        terms = self.lut.index_select(0, both.view(-1)).view(L, 3, 2, n)
         x, y, z = terms[:, 0, :, None, None], terms[:, 1, None, :, None], terms[:, 2, None, None, :]
         rows = (torch.empty(L, 8, n, dtype=torch.int32, device=keys.device) if out is None else out).view(L, 2, 2, 2, n)
         d = self.n_dense
@@ -155,15 +156,17 @@ def scatter(grad: Tensor, grad_jacobian: Tensor | None, frac: Tensor, out: Tenso
 
 
 def _to_points(x: Tensor) -> Tensor:
-    """(F, L, [3,] n) → (n, L·F[, 3])."""
-    x = x.permute(3, 1, 0, 2) if x.dim() == 4 else x.permute(2, 1, 0)  # (n, L, F[, 3])
-    return x.reshape(x.shape[0], -1, *x.shape[3:])
+    """Features (F, L, n) → (n, L·F); a Jacobian (F, L, 3, n) → (3, n, L·F)."""
+    if x.dim() == 4:
+        return x.permute(2, 3, 1, 0).reshape(3, x.shape[3], -1)
+    return x.permute(2, 1, 0).reshape(x.shape[2], -1)
 
 
 def _from_points(g: Tensor, n_levels: int) -> Tensor:
-    """(n, L·F[, 3]) → (F, L, [3,] n)."""
-    g = g.view(g.shape[0], n_levels, -1, *g.shape[2:])  # (n, L, F[, 3])
-    return g.permute(2, 1, 3, 0) if g.dim() == 4 else g.permute(2, 1, 0)
+    """(n, L·F) → (F, L, n); (3, n, L·F) → (F, L, 3, n)."""
+    if g.dim() == 3:
+        return g.view(3, g.shape[1], n_levels, -1).permute(3, 2, 0, 1)
+    return g.view(g.shape[0], n_levels, -1).permute(2, 1, 0)
 
 
 def _planes(x: Tensor, n: int) -> Tensor:
@@ -174,7 +177,7 @@ def _planes(x: Tensor, n: int) -> Tensor:
 
 class HashFunction(torch.autograd.Function):
     """Features (n, L·F) of points that need no gradient and, with `jacobian`, their derivatives
-    in the points, (n, L·F, 3), for analytic normals; backward returns the table's gradient from
+    in the points, (3, n, L·F), for analytic normals; backward returns the table's gradient from
     both, accumulated by one index_add_ per group of points."""
 
     @staticmethod
@@ -192,7 +195,7 @@ class HashFunction(torch.autograd.Function):
             saved += [keys, frac]
         ctx.save_for_backward(*saved)
         ctx.layout, ctx.n_features, ctx.params_shape = layout, n_features, params.shape
-        return (torch.cat(features), torch.cat(jacobians)) if jacobian else torch.cat(features)
+        return (torch.cat(features), torch.cat(jacobians, 1)) if jacobian else torch.cat(features)
 
     @staticmethod
     def backward(ctx, grad: Tensor, grad_jacobian: Tensor | None = None):

@@ -31,7 +31,7 @@ class HashEncoding(nn.Module):
         self.params = nn.Parameter(torch.empty(total * n_features).uniform_(-1e-4, 1e-4))  # tcnn's init
 
     def forward(self, u: Tensor, jacobian: bool = False):
-        """Features, and with `jacobian` also their derivatives in u (N, n_levels · n_features, 3)."""
+        """Features, and with `jacobian` also their derivatives in u, (3, N, n_levels · n_features)."""
         if self.layout.lut.device != u.device:
             self.layout.to(u.device)
         u = u.clamp(0, 1)
@@ -117,7 +117,7 @@ class HashGrid(Geometry):
             leaf = h if h.requires_grad else h.detach().requires_grad_(True)
             grad_h, = torch.autograd.grad(self.density_net(leaf)[:, 0].sum(), leaf, create_graph=training)
         inside = ((points / self.radius).abs() <= 1).all(-1, keepdim=True)  # the clamp's gradient
-        grad = torch.einsum("nk,nka->na", grad_h, jacobian) * (inside / (2 * self.radius))
+        grad = (grad_h * jacobian).sum(-1).t() * (inside / (2 * self.radius))  # (N, 3)
         # + ∇blob; softplus' positive factor does not change the direction
         grad = grad - self.blob_density / self.blob_radius * points / points.norm(dim=-1, keepdim=True).clamp_min(1e-12)
         return torch.sigmoid(self.feature_net(h)), -nn.functional.normalize(grad, dim=-1, eps=1e-12)
