@@ -9,6 +9,7 @@ the report marks it so. Writes outputs/mutation/mutation.json and the table of d
 
     python scripts/mutation.py                # run mutmut, then report
     python scripts/mutation.py --report-only  # report on the last run's results (mutants/)
+    python scripts/mutation.py --only "text23d.geometry.*"   # only these modules' mutants (mutmut's names)
 """
 from __future__ import annotations
 
@@ -37,7 +38,7 @@ CUDA_ONLY = "CUDA only:"  # a listed survivor whose reason starts so: code this 
 EQUIVALENT = Path(__file__).with_name("mutation_equivalent")  # <group>.txt: module || old line || new line || reason
 
 
-def run_mutmut(children: int) -> float:
+def run_mutmut(children: int, only: list[str]) -> float:
     """mutmut run, from a fresh copy (mutants/ is rebuilt: results from older code do not count)."""
     import shutil
 
@@ -47,7 +48,7 @@ def run_mutmut(children: int) -> float:
     log.parent.mkdir(parents=True, exist_ok=True)
     start = time.monotonic()
     with open(log, "w") as f:  # mutmut's progress line redraws itself: kept in the log, not the console
-        rc = subprocess.run([str(Path(sys.executable).parent / "mutmut"), "run", "--max-children", str(children)],
+        rc = subprocess.run([str(Path(sys.executable).parent / "mutmut"), "run", "--max-children", str(children), *only],
                             cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT).returncode
     if rc != 0:
         sys.exit(f"mutmut run failed (exit {rc}); its output: {log}")
@@ -94,8 +95,10 @@ def module_of(name: str) -> str:
     return name.split(".x")[0].replace(".", "/") + ".py"
 
 
-def report(seconds: float | None) -> dict:
-    status = results()
+def report(seconds: float | None, only: list[str]) -> dict:
+    import fnmatch
+
+    status = {n: s for n, s in results().items() if not only or any(fnmatch.fnmatch(n, g) for g in only)}
     known = equivalents()
     modules, survivors = {}, []
     for name, s in sorted(status.items()):
@@ -113,6 +116,8 @@ def report(seconds: float | None) -> dict:
     groups = {}
     for group, files in GROUPS.items():
         rows = [modules.get(f, {"mutants": 0, "killed": 0, "survived": 0, "equivalent": 0, "cuda_only": 0}) for f in files]
+        if only and not any(f in modules for f in files):
+            continue  # a group outside --only: not run
         total = {k: sum(r[k] for r in rows) for k in rows[0]}
         total["score"] = round(total["killed"] / max(total["mutants"], 1), 4)
         groups[group] = total
@@ -128,6 +133,8 @@ def table(rep: dict) -> str:
     lines = ["| group | module | mutants | killed | survived: equivalent (listed) | survived: CUDA only (listed) "
              "| survived, not yet killed | score |", "|---|---|---|---|---|---|---|---|"]
     for group, files in GROUPS.items():
+        if group not in rep["groups"]:
+            continue
         for f in files:
             m = rep["modules"].get(f)
             if m:
@@ -144,9 +151,11 @@ def main() -> None:
     parser.add_argument("--report-only", action="store_true", help="report on the mutants/ a run left")
     parser.add_argument("--children", type=int, default=os.cpu_count() or 2, help="mutants tested at once")
     parser.add_argument("--out", default=str(ROOT / "outputs" / "mutation" / "mutation.json"))
+    parser.add_argument("--only", nargs="*", default=[], metavar="GLOB",
+                        help="mutmut mutant names to run and report, e.g. 'text23d.geometry.*'")
     args = parser.parse_args()
-    seconds = None if args.report_only else run_mutmut(args.children)
-    rep = report(seconds)
+    seconds = None if args.report_only else run_mutmut(args.children, args.only)
+    rep = report(seconds, args.only)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(rep, indent=1) + "\n")
     print(table(rep))
