@@ -84,32 +84,10 @@ def build_sd21(folder: Path) -> Path:
 
 
 def bench_texture(name: str) -> dict:
-    """Unwrap + bake times of a marching-cubes mesh of a bumpy sphere, its colours composited
-    through a 64³ grid as `export.texture` does."""
-    import torch
+    """Unwrap and bake by stage, and the baked texture's colour error (scripts/bench_texture.py)."""
+    from bench_texture import bench_texture as run
 
-    from text23d.config import compose
-    from text23d.export.mesh import composited_colors, extract_mesh
-    from text23d.export.texture import decimate, textured_mesh
-    from text23d.run import build_system
-
-    faces, *target = CONFIGS[name][1]
-    with tempfile.TemporaryDirectory() as tmp:
-        geometry = build_system(compose(["prompt=a red cube", "prior=builtin", f"output_dir={tmp}"])).geometry
-
-        def bumpy(x):  # the blob with ripples, so the surface has detail for the atlas to cut
-            r = x.norm(dim=-1)
-            return 10 * (1 - r / (0.5 + 0.03 * torch.sin(12 * x[:, 0]) * torch.cos(12 * x[:, 1])))
-        resolution = int((faces / 1.2) ** 0.5) + 8  # a sphere of radius 0.5 gives ~1.2·resolution² faces
-        mesh = decimate(extract_mesh(bumpy, None, 1.0, resolution, 0.0), faces)
-        colour = lambda p, n: composited_colors(geometry.density, geometry.albedo, p, n, 1.0, 0.03)
-        t = time.perf_counter()
-        out, info = textured_mesh(mesh, colour, 1024, target[0] if target else None)
-        total = time.perf_counter() - t
-    return {"config": name, "device": "cpu", "faces_in": len(mesh.faces), "faces_out": info["mesh_faces"],
-            "texture_size": 1024, "decimate_s": info["decimate_s"], "unwrap_s": info["unwrap_s"],
-            "bake_s": info["bake_s"], "total_s": round(total, 3), "coverage": info["texture_coverage"],
-            "peak_cpu_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
+    return run(name)
 
 
 def bench_kernel(name: str) -> dict:

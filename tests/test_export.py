@@ -538,18 +538,28 @@ def radial_albedo(p):
     return torch.stack([r, 1 - r, torch.full_like(r, 0.25)], -1)
 
 
+def sample_depths():
+    """Where the composite samples a ray, by hand in float64: the midpoints and lengths of 16 intervals
+    from the ray's origin START outside the surface: 10 of START/3, then 6 of START/3·q^k (k = 1..6),
+    q making them end at 2·BALL (the longest way through the scene ball): the one positive root of
+    START/3·(q^6 + … + q) = 2·BALL - 10·START/3."""
+    step = START / 3
+    [q] = [r.real for r in np.roots([step] * 6 + [-(2 * BALL - 10 * step)]) if abs(r.imag) < 1e-9 and r.real > 0]
+    edges = np.concatenate([[0.0], np.cumsum(np.r_[np.full(10, step), step * q ** np.arange(1, 7)])])
+    return (edges[1:] + edges[:-1]) / 2, np.diff(edges)
+
+
 def expected_head_on_colour():
-    """The composited albedo along a ray through the centre, by hand, in float64: from START outside the
-    surface to the far side of the scene ball, far = R0 + START + BALL, midpoints t_i = (i + 0.5)/64·far;
-    inside the density ball each sample has α = 1 - exp(-σ0·far/64) and weight α(1-α)^k (k-th inside)."""
-    far = R0 + START + BALL
-    t = (np.arange(64) + 0.5) / 64 * far
+    """The composited albedo along a ray through the centre, by hand, in float64: at the `sample_depths`
+    midpoints t_i, those past the far side of the scene ball (t_i > R0 + START + BALL) empty; inside the
+    density ball α_i = 1 - exp(-σ0·δ_i), and sample i weighs α_i·Π_{j<i}(1 - α_j)."""
+    t, delta = sample_depths()
     r = np.abs(R0 + START - t)  # distance of each sample from the centre
-    inside = r < R0
-    alpha = 1 - np.exp(-SIGMA0 * far / 64)
-    w = alpha * (1 - alpha) ** np.arange(inside.sum())
-    albedo = np.stack([r, 1 - r, np.full_like(r, 0.25)], -1)[inside]
-    return (w[:, None] * albedo).sum(0) / w.sum(), far
+    sigma = np.where((r < R0) & (t < R0 + START + BALL), SIGMA0, 0.0)
+    alpha = 1 - np.exp(-sigma * delta)
+    w = alpha * np.cumprod(np.concatenate([[1.0], 1 - alpha[:-1]]))
+    albedo = np.stack([r, 1 - r, np.full_like(r, 0.25)], -1)
+    return (w[:, None] * albedo).sum(0) / w.sum(), t
 
 
 def octahedron():
@@ -562,10 +572,10 @@ def octahedron():
 
 
 def test_composited_colours_sample_the_inward_normal_and_weight_like_the_renderer():
-    """Six vertices on the density ball with radial normals: each is asked at 64 midpoints along -n from
-    START outside it to where the ray leaves the scene ball, and gets the hand-composited colour. A
-    seventh vertex on the scene ball's edge, normal pointing in, looks out: its ray still reaches 2·START
-    (past the vertex), meets no density and keeps the vertex's own albedo."""
+    """Six vertices on the density ball with radial normals: each is asked at the 16 `sample_depths` along
+    -n from START outside it and gets the hand-composited colour. A seventh vertex on the scene ball's
+    edge, normal pointing in, looks out: its ray still counts samples up to 2·START (past the vertex),
+    meets no density and keeps the vertex's own albedo."""
     from text23d.export.mesh import composited_colors
 
     axes = torch.cat([torch.eye(3), -torch.eye(3)])
@@ -578,16 +588,16 @@ def test_composited_colours_sample_the_inward_normal_and_weight_like_the_rendere
         return ball_density(p)
 
     out = composited_colors(density, radial_albedo, verts, normals, BALL, START)
-    colour, far = expected_head_on_colour()
+    colour, t = expected_head_on_colour()
+    t = torch.tensor(t, dtype=torch.float32)
     torch.testing.assert_close(out[:6], torch.tensor(colour, dtype=torch.float32).expand(6, 3), atol=1e-5, rtol=0)
     torch.testing.assert_close(out[6], torch.tensor([BALL, 1 - BALL, 0.25]), atol=1e-6, rtol=0)
-    pts = torch.cat(asked).view(7, 64, 3)
-    u = (torch.arange(64) + 0.5) / 64
+    pts = torch.cat(asked).view(7, 16, 3)
     for i in range(6):
-        want = (R0 + START) * axes[i] - axes[i] * (u * far)[:, None]
+        want = (R0 + START) * axes[i] - axes[i] * t[:, None]
         torch.testing.assert_close(pts[i], want, atol=1e-6, rtol=0)
-    want = torch.zeros(64, 3)
-    want[:, 0] = BALL - START + u * 2 * START
+    want = torch.zeros(16, 3)
+    want[:, 0] = BALL - START + t
     torch.testing.assert_close(pts[6], want, atol=1e-6, rtol=0)
 
 

@@ -77,13 +77,16 @@ def _export_particle(system, ex, i: int, save: Path, step: int, tag: str, stage:
         log.info("isosurface threshold %.3g chosen automatically (silhouette IoU %.3f vs renders)", threshold, iou)
     geometry = particle.geometry
     mesh = extract_mesh(geometry.density, None, radius, ex.resolution, float(threshold))
-    start = 2 * 2 * radius / (ex.resolution - 1)  # two voxels outside the surface
-
-    def colour(points, normals):  # what the asset shows there, not the albedo of its outer haze
-        return composited_colors(geometry.density, geometry.albedo, points, normals, radius, start)
-
     metrics["isosurface_threshold"] = float(threshold)
-    return _save_particle_mesh(system, ex, mesh, colour, save, step, tag, stage, artifacts, metrics, picks, i)
+    return _save_particle_mesh(system, ex, mesh, rendered_colour(geometry, radius, ex.resolution), save, step, tag,
+                               stage, artifacts, metrics, picks, i)
+
+
+def rendered_colour(geometry, radius: float, resolution: int):
+    """colour(points, normals) of a density geometry's marching-cubes mesh (`resolution` a side): what
+    the renders show there, not the albedo of its outer haze; composited from two voxels outside."""
+    start = 2 * 2 * radius / (resolution - 1)
+    return lambda points, normals: composited_colors(geometry.density, geometry.albedo, points, normals, radius, start)
 
 
 def _save_particle_mesh(system, ex, mesh, colour, save, step, tag, stage, artifacts, metrics, picks, i):

@@ -149,8 +149,7 @@ def surface_colors(
     mesh: trimesh.Trimesh,
     radius: float,
     start: float,
-    num_samples: int = 64,
-    chunk: int = 2048,
+    chunk: int = 8192,
 ) -> np.ndarray:
     """The colour a viewer looking straight at each vertex sees, (V, 3) in [0, 1].
 
@@ -165,31 +164,80 @@ def surface_colors(
         device = _field_device(density_fn)
         verts = torch.tensor(np.array(mesh.vertices), dtype=torch.float32, device=device)
         normals = torch.tensor(np.array(mesh.vertex_normals), dtype=torch.float32, device=device)
-        return composited_colors(density_fn, albedo_fn, verts, normals, radius, start, num_samples, chunk).cpu().numpy()
+        return composited_colors(density_fn, albedo_fn, verts, normals, radius, start, chunk).cpu().numpy()
+
+
+SKIP_WEIGHT = 1e-4  # a sample below this weight is not asked its albedo (the renderer's skip_weight)
+NEAR_STEPS, FAR_STEPS = 10, 6  # `sample_edges`: even steps through the surface, then growing ones
+
+
+def sample_edges(start: float, radius: float) -> torch.Tensor:
+    """Where the intervals a composite samples begin and end, as distances along the ray from its origin
+    `start` outside the surface (NEAR_STEPS + FAR_STEPS + 1,): NEAR_STEPS even steps of start/3 (2/3 of
+    a voxel, `start` being two) from 2 voxels outside the surface to 4.7 inside, then FAR_STEPS steps,
+    each longer by one ratio, to 2·radius (the longest way through the scene's ball).
+    An opaque surface puts its weight within a voxel of where the ray enters it, which may lie a few
+    voxels below an isosurface in haze: steps there must be fractions of a voxel, and even, or the
+    colour depends on where the isosurface lies. A soft body spreads its weight deep, where the
+    transmittance falls slowly and long steps integrate it as well. Against the 64 evenly spaced
+    samples this replaced (measured in docs/benchmarks.md): colours within 0.5/255 of theirs and as
+    close to the renders, for 16 density look-ups instead of 64."""
+    step = start / 3
+    ratio = _growth(step, 2 * radius - NEAR_STEPS * step, FAR_STEPS)
+    steps = torch.cat([torch.full((NEAR_STEPS,), step, dtype=torch.float64),
+                       step * ratio ** torch.arange(1, FAR_STEPS + 1, dtype=torch.float64)])
+    return torch.cat([torch.zeros(1, dtype=torch.float64), torch.cumsum(steps, 0)]).float()
+
+
+def _growth(step: float, length: float, n: int) -> float:
+    """The ratio q ≥ 1 for which the n steps step·q, step·q², …, step·qⁿ add up to `length` (by
+    bisection); 1 where even steps already reach that far."""
+    total = lambda q: step * q * (q**n - 1) / (q - 1)  # noqa: E731
+    if step * n >= length:
+        return 1.0
+    lo, hi = 1.0, 2.0
+    while total(hi) < length:
+        lo, hi = hi, 2 * hi
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if total(mid) < length else (lo, mid)
+    return hi
 
 
 def composited_colors(density_fn, albedo_fn, verts: torch.Tensor, normals: torch.Tensor, radius: float,
-                      start: float, num_samples: int = 64, chunk: int = 2048) -> torch.Tensor:
-    """`surface_colors` for any surface points (N, 3) with unit normals (N, 3): (N, 3) on their device."""
+                      start: float, chunk: int = 8192) -> torch.Tensor:
+    """`surface_colors` for any surface points (N, 3) with unit normals (N, 3): (N, 3) on their device.
+    Samples are spaced by `sample_edges`; those past where the ray leaves the ball count as empty."""
     with torch.no_grad():
-        device, out = verts.device, []
-        for v, n in zip(verts.split(chunk), normals.split(chunk)):
-            origin, direction = v + start * n, -n  # (C, 3): just outside, looking in
-            b = (origin * direction).sum(-1)  # exit of the ball |x| = radius along the ray
-            far = -b + (b * b - (origin * origin).sum(-1) + radius**2).clamp_min(0).sqrt()
-            far = far.clamp_min(2 * start)
-            t = (torch.arange(num_samples, device=device) + 0.5) / num_samples * far[:, None]  # (C, n)
-            pts = origin[:, None] + direction[:, None] * t[..., None]  # (C, n, 3)
-            sigma = density_fn(pts.reshape(-1, 3)).float().view(-1, num_samples)
-            alpha = 1 - torch.exp(-sigma * (far / num_samples)[:, None])
-            trans = torch.cumprod(torch.cat([torch.ones_like(alpha[:, :1]), 1 - alpha + 1e-10], 1), 1)[:, :-1]
-            weights = alpha * trans  # (C, n), as in renderers/volume.py
-            albedo = albedo_fn(pts.reshape(-1, 3)).float().view(-1, num_samples, 3)
-            total = weights.sum(1, keepdim=True)
-            seen = (weights[..., None] * albedo).sum(1) / total.clamp_min(1e-6)
-            own = albedo_fn(v).float()
-            out.append(torch.where(total > 1e-3, seen, own))
+        edges = sample_edges(start, radius).to(verts.device)
+        t, delta = (edges[1:] + edges[:-1]) / 2, edges[1:] - edges[:-1]  # (n,) midpoints and lengths
+        out = [_composite(density_fn, albedo_fn, v, n, radius, start, t, delta)
+               for v, n in zip(verts.split(chunk), normals.split(chunk)) if len(v)]
         return torch.cat(out) if out else torch.zeros(0, 3, device=verts.device)
+
+
+def _composite(density_fn, albedo_fn, v: torch.Tensor, n: torch.Tensor, radius: float, start: float,
+               t: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+    """One chunk of `composited_colors`: density at every sample, the renderer's weights, albedo only
+    where a weight reaches SKIP_WEIGHT (behind an opaque skin and in empty space nothing is asked)."""
+    origin, direction = v + start * n, -n  # (C, 3): just outside, looking in
+    b = (origin * direction).sum(-1)  # exit of the ball |x| = radius along the ray
+    far = (-b + (b * b - (origin * origin).sum(-1) + radius**2).clamp_min(0).sqrt()).clamp_min(2 * start)
+    pts = origin[:, None] + direction[:, None] * t[:, None]  # (C, n, 3)
+    sigma = density_fn(pts.reshape(-1, 3)).float().view(-1, len(t)) * (t < far[:, None])  # 0 past the ball
+    alpha = 1 - torch.exp(-sigma * delta)
+    trans = torch.cumprod(torch.cat([torch.ones_like(alpha[:, :1]), 1 - alpha + 1e-10], 1), 1)[:, :-1]
+    weights = alpha * trans  # (C, n), as in renderers/volume.py
+    albedo = _fill(albedo_fn, pts, weights > SKIP_WEIGHT, torch.zeros(*pts.shape, device=v.device))
+    total = weights.sum(1, keepdim=True)
+    colour = (weights[..., None] * albedo).sum(1) / total.clamp_min(1e-6)
+    return _fill(albedo_fn, v, total[:, 0] <= 1e-3, colour)  # a ray that met (almost) nothing: own albedo
+
+
+def _fill(fn, points: torch.Tensor, where: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """`out` with fn(points[where]) written where `where` holds. fn is not called for no points: a
+    hash grid cannot reshape an empty batch."""
+    return out.index_put((where,), fn(points[where]).float()) if where.any() else out
 
 
 def save_mesh(
