@@ -6,9 +6,9 @@ Each configuration unwraps (xatlas) and bakes a 1024² texture for a marching-cu
 that many faces, decimated first where it says so, as `export.texture` does. The asset is the
 built-in prior's geometry (a 64³ dense grid) holding a soft ball with ripples, so the surface has
 detail for the atlas to cut, and a colour pattern: its colours are composited through the field
-like any density asset's (`rendered_colour`). The colour error compares the textured mesh, rasterised, with the volume
-renders from the evaluation orbit (mean |ΔRGB| in 0-255 over the pixels both cover, less the
-outline: `colour_error` of text23d/builtin/evaluate.py).
+like any density asset's (`rendered_colour`). The colour error compares the textured mesh,
+rasterised, with the volume renders from the evaluation orbit (mean |ΔRGB| in 0-255 over the pixels
+both cover, less the outline: `colour_error` of text23d/builtin/evaluate.py).
 """
 from __future__ import annotations
 
@@ -52,8 +52,8 @@ def rippled_ball():
 
 
 def marching_cubes_mesh(geometry, faces: int):
-    """The level softplus(0) of the field, on a grid fine enough for about `faces` faces (a sphere of
-    radius 0.5 gives ~1.2·resolution² faces), decimated to `faces`."""
+    """The level softplus(0) of the field on a grid fine enough for about `faces` faces (a sphere of
+    radius 0.5 gives ~1.2·resolution² faces), decimated to `faces`; and that grid's resolution."""
     import math
 
     from text23d.export.mesh import extract_mesh
