@@ -25,7 +25,9 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench_kernels, real_shapes
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench_kernels, bench_texture, real_shapes
+
+from bench_texture import TEXTURE_CONFIGS  # noqa: E402
 
 # name: (prior, overrides, needs CUDA); prior "builtin" is the shipped model, "sd21" random weights.
 OCCUPANCY = "renderer.occupancy={resolution:32,threshold:0.01,decay:0.95,update_every:16,warmup_steps:256}"
@@ -58,12 +60,8 @@ CONFIGS = {
     "vsd-sd21-64": ("sd21", ["geometry=grid", "prior.dtype=float16", "system=vsd",
                              "guidance.lora_pretrained_model_name_or_path=null"], True),  # not the hub's SD 2.1
 }
-# Textured export: unwrap (xatlas) and bake (1024², colours composited through the field as the
-# export does) of a mesh of about this many faces; "-decimated" first decimates to export.target_faces.
-TEXTURE = {"texture-10k": 10_000, "texture-50k": 50_000, "texture-200k": 200_000}
-CONFIGS.update({name: ("texture", [faces], False) for name, faces in TEXTURE.items()})
-CONFIGS["texture-200k-to-100k"] = ("texture", [200_000, 100_000], False)
-CONFIGS["texture-200k-decimated"] = ("texture", [200_000, 50_000], False)  # export.target_faces's default
+# Textured export by stage (scripts/bench_texture.py: its TEXTURE_CONFIGS name the meshes).
+CONFIGS.update({name: ("texture", [], False) for name in TEXTURE_CONFIGS})
 # The kernels under a step (scripts/bench_kernels.py): on the CPU in float32; on CUDA also in half
 # precision, with torch.compile off and on.
 CONFIGS["hash-encoding"] = ("kernel", ["hash", "float32", False], False)
@@ -107,10 +105,9 @@ def reference_s(device: str) -> float:
     seconds when the machine is shared."""
     import torch
 
-    from bench_kernels import matmul_flops
+    from bench_kernels import matmul_seconds
 
-    n = 8192 if device == "cuda" else 1024
-    return 2 * n**3 / matmul_flops(device, torch.float32)
+    return matmul_seconds(device, torch.float32)[0]
 
 
 def bench_one(name: str, steps: int, warmup: int) -> dict:

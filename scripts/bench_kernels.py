@@ -33,11 +33,12 @@ def best_of(fn, repeats: int = 5, device: str = "cpu") -> float:
     return min(times)
 
 
-def matmul_flops(device: str, dtype: torch.dtype) -> float:
-    """FLOP/s of an n³ matrix product (n = 1024 on the CPU, 8192 on CUDA): the machine's reference."""
+def matmul_seconds(device: str, dtype: torch.dtype) -> tuple[float, float]:
+    """Seconds and FLOP/s of an n³ matrix product (n = 1024 on the CPU, 8192 on CUDA): the machine's reference."""
     n = 8192 if device == "cuda" else 1024
     a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
-    return 2 * n**3 / best_of(lambda: a @ b, device=device)
+    seconds = best_of(lambda: a @ b, device=device)
+    return seconds, 2 * n**3 / seconds
 
 
 def ray_points(device: str) -> torch.Tensor:
@@ -107,7 +108,7 @@ def bench_unet(device: str = "cpu", dtype: torch.dtype = torch.float32, compiled
     with FlopCounterMode(display=False) as counter:
         prior.unet(x, t, encoder_hidden_states=text)
     flops = counter.get_total_flops()
-    seconds, peak = best_of(forward, device=device), matmul_flops(device, dtype)
+    seconds, peak = best_of(forward, device=device), matmul_seconds(device, dtype)[1]
     return {"batch": batch, "resolution": prior.resolution, "dtype": str(dtype)[6:], "compiled": compiled,
             "gflop": round(flops / 1e9, 3), "forward_s": round(seconds, 4),
             "gflop_per_s": round(flops / seconds / 1e9, 1), "matmul_gflop_per_s": round(peak / 1e9, 1),

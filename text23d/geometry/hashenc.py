@@ -92,13 +92,6 @@ class HashLayout:
         return rows.add_(self.offsets).view(L, 8, n)
 
 
-def factors(frac: Tensor) -> Tensor:
-    """Trilinear weights (L, 8, n) of the corners from the fractions (L, 3, n)."""
-    f = torch.stack([1 - frac, frac], 2)  # (L, 3, 2, n)
-    fx, fy, fz = f.unbind(1)
-    return (fx[:, :, None, None] * fy[:, None, :, None] * fz[:, None, None, :]).reshape(f.shape[0], 8, -1)
-
-
 def table_view(params: Tensor, n_features: int) -> Tensor:
     """The flat table, one entry per row: a complex number where two float features allow it (on
     the CPU, (rows,)), else (rows, F) real."""
@@ -234,5 +227,5 @@ def encode(u: Tensor, params: Tensor, layout: HashLayout, n_features: int) -> Te
     keys, frac = layout.locate(u.detach())
     pos = layout.scales.to(u.dtype) * u.t()
     frac = frac + (pos - pos.detach())  # the same value, and u's gradient
-    corners = table.index_select(0, layout.rows(keys).view(-1)).view(keys.shape[0], 8, -1, n_features)
-    return (corners * factors(frac)[..., None]).sum(1).transpose(0, 1).reshape(u.shape[0], -1)
+    corners = _planes(table.index_select(0, layout.rows(keys).view(-1)), keys.shape[-1])
+    return _to_points(blend(corners, frac, False)[0])
