@@ -38,6 +38,11 @@ class Geometry(nn.Module):
         # rather than empty space (which gives SDS nothing to sculpt).
         return self.blob_density * (1.0 - points.norm(dim=-1) / self.blob_radius)
 
+    def blob_gradient(self, points: Tensor) -> Tensor:
+        """∇ of `blob` (N, 3), for analytic normals: −density/radius along the unit vector of each point."""
+        norm = points.norm(dim=-1, keepdim=True).clamp_min(1e-9)
+        return -self.blob_density / self.blob_radius * points / norm
+
     def forward(self, points: Tensor) -> tuple[Tensor, Tensor]:
         """points (N, 3) world → density (N,) ≥ 0 and albedo (N, 3) in [0, 1]."""
         raw_density, raw_albedo = self.raw(points / self.radius)

@@ -78,6 +78,5 @@ class DenseGrid(Geometry):
         gy = ((v[:, 1] - v[:, 0]) * wx[:, None] * wz[None, :]).sum((0, 1))
         gz = ((v[:, :, 1] - v[:, :, 0]) * wx[:, None] * wy[None, :]).sum((0, 1))
         grad = torch.stack([gx, gy, gz], -1) * (0.5 * (self.resolution - 1) / self.radius)
-        norm = points.norm(dim=-1, keepdim=True).clamp_min(1e-9)
-        grad = grad - self.blob_density / self.blob_radius * points / norm
+        grad = grad + self.blob_gradient(points)
         return -nn.functional.normalize(grad, dim=-1, eps=1e-12)

@@ -103,24 +103,30 @@ class HashGrid(Geometry):
         return torch.sigmoid(self.feature_net(self.encoding(self._u(points))))
 
     def normals(self, points: Tensor) -> Tensor:
-        return self.albedo_and_normals(points)[1]
+        if self.normal_type == "finite_difference":
+            return super().normals(points)
+        if points.requires_grad or self.implementation == "tinycudann":
+            return self._autograd_normals(points)
+        return self._jacobian_normals(points)[1]
 
     def albedo_and_normals(self, points: Tensor) -> tuple[Tensor, Tensor]:
         """Both from one encoding of the points where the torch path can give its Jacobian."""
-        if self.normal_type == "finite_difference":
-            return self.albedo(points), super().normals(points)
-        if points.requires_grad or self.implementation == "tinycudann":
-            return self.albedo(points), self._autograd_normals(points)
+        if self.normal_type == "finite_difference" or points.requires_grad or self.implementation == "tinycudann":
+            return self.albedo(points), self.normals(points)
+        h, normals = self._jacobian_normals(points)
+        return torch.sigmoid(self.feature_net(h)), normals
+
+    def _jacobian_normals(self, points: Tensor) -> tuple[Tensor, Tensor]:
+        """The encoding h of the points and −∇σ/|∇σ| from its Jacobian: ∂σ_raw/∂h through the
+        density MLP only (softplus' positive factor does not change the direction)."""
         h, jacobian = self.encoding(self._u(points), jacobian=True)
         training = torch.is_grad_enabled()  # then the normals are differentiable (orientation loss)
-        with torch.enable_grad():  # ∂σ_raw/∂h through the density MLP only
+        with torch.enable_grad():
             leaf = h if h.requires_grad else h.detach().requires_grad_(True)
             grad_h, = torch.autograd.grad(self.density_net(leaf)[:, 0].sum(), leaf, create_graph=training)
         inside = ((points / self.radius).abs() <= 1).all(-1, keepdim=True)  # the clamp's gradient
         grad = (grad_h * jacobian).sum(-1).t() * (inside / (2 * self.radius))  # (N, 3)
-        # + ∇blob; softplus' positive factor does not change the direction
-        grad = grad - self.blob_density / self.blob_radius * points / points.norm(dim=-1, keepdim=True).clamp_min(1e-12)
-        return torch.sigmoid(self.feature_net(h)), -nn.functional.normalize(grad, dim=-1, eps=1e-12)
+        return h, -nn.functional.normalize(grad + self.blob_gradient(points), dim=-1, eps=1e-12)
 
     def _autograd_normals(self, points: Tensor) -> Tensor:
         training = torch.is_grad_enabled()
