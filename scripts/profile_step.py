@@ -46,11 +46,10 @@ def main() -> None:
             def on_fit_start(self, trainer, module):
                 stage = module.stages[0]
                 stage.renderer.forward = marked(stage.renderer.forward, "render")
-                for particle in getattr(module, "particles", []) or [module.stages[0]]:
-                    geometry = getattr(particle, "geometry", None)
-                    if geometry is not None:
-                        geometry.density = marked(geometry.density, "geometry.density")
-                        geometry.albedo_and_normals = marked(geometry.albedo_and_normals, "geometry.albedo+normals")
+                for particle in module.particles:
+                    geometry = particle.geometry
+                    geometry.density = marked(geometry.density, "geometry.density")
+                    geometry.albedo_and_normals = marked(geometry.albedo_and_normals, "geometry.albedo+normals")
                 module.prior.unet.forward = marked(module.prior.unet.forward, "unet")
 
             def on_train_batch_start(self, trainer, module, batch, i):
